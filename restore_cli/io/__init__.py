@@ -1,0 +1,1 @@
+"""Discovery of inputs, image decoding/encoding with metadata carry-over, atomic writes."""
