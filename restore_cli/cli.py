@@ -1,0 +1,230 @@
+"""Command-line interface: parse options, build the options dataclasses, call the features.
+
+Nothing below this module knows about Typer. Errors the user can fix (``RestoreCliError``)
+are printed as one line with exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from restore_cli import __version__
+from restore_cli.errors import ConfigError, RestoreCliError
+
+EXIT_USAGE = 2
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="restore-cli",
+    help="All-in-one image restoration: restore folders of photos with learned models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class Mode(str, Enum):
+    auto = "auto"
+    instruction = "instruction"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class OutputExt(str, Enum):
+    same = "same"
+    png = "png"
+    jpg = "jpg"
+    webp = "webp"
+    tif = "tif"
+
+
+def run_guarded(debug: bool, feature: Callable[[], T]) -> T:
+    """Run a feature; a user-fixable error becomes one line on stderr and exit code 2."""
+    try:
+        return feature()
+    except RestoreCliError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def parse_tile(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        tile = int(value)
+    except ValueError:
+        raise ConfigError(f"--tile {value!r}: expected auto, 0 (whole image) or a size") from None
+    if tile < 0:
+        raise ConfigError(f"--tile {value}: must be >= 0")
+    return tile
+
+
+def split_tasks(values: list[str]) -> list[str]:
+    return [task.strip() for value in values for task in value.split(",") if task.strip()]
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"restore-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True)
+    ] = False,
+) -> None:
+    """All-in-one image restoration."""
+
+
+@app.command()
+def restore(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Files, folders, globs, or - to read paths from stdin.", metavar="INPUT..."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path(
+        "restored"
+    ),
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model name (see `models`) or a weights file.")
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="Use this file for the named model.")
+    ] = None,
+    mode: Annotated[Mode, typer.Option(help="auto: the model decides; instruction: --task.")] = (
+        Mode.auto
+    ),
+    task: Annotated[
+        list[str], typer.Option("--task", help="Task(s) for --mode instruction, comma-separated.")
+    ] = [],  # noqa: B006 - Typer reads the default, it is never mutated
+    tile: Annotated[str, typer.Option(help="Tile side in pixels, 0 = whole image, or auto.")] = (
+        "auto"
+    ),
+    tile_overlap: Annotated[int, typer.Option(help="Overlap between tiles in pixels.")] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[Precision, typer.Option(help="auto = bf16/fp16 on CUDA.")] = (
+        Precision.auto
+    ),
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass; 0 = auto.")] = 0,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")
+    ] = False,
+    ext: Annotated[OutputExt, typer.Option(help="Output format; same = as the input.")] = (
+        OutputExt.same
+    ),
+    suffix: Annotated[str, typer.Option(help="Text appended to output file stems.")] = "",
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite/--skip-existing", help="Redo outputs that already exist."),
+    ] = False,
+    csv: Annotated[
+        Path | None, typer.Option("--csv", help="Run CSV path [default: OUTPUT/restore_run.csv].")
+    ] = None,
+    json_lines: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per file on stdout.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
+    max_pixels: Annotated[
+        int, typer.Option(help="Refuse images with more pixels (decompression bombs).")
+    ] = 200_000_000,
+    jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.")] = 95,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Restore images and write them to the output folder, with a CSV of what was done."""
+    from restore_cli.engine import EngineOptions
+    from restore_cli.restore import RestoreOptions, RestoreRun, Streams
+
+    def feature() -> int:
+        options = RestoreOptions(
+            inputs=inputs,
+            output_dir=output,
+            model=model,
+            weights=weights,
+            mode=mode.value,
+            tasks=split_tasks(task),
+            engine=EngineOptions(
+                device=device,
+                precision=precision.value,
+                tile=parse_tile(tile),
+                tile_overlap=tile_overlap,
+                batch_size=batch_size,
+            ),
+            recursive=recursive,
+            ext=ext.value,
+            suffix=suffix,
+            overwrite=overwrite,
+            csv_path=csv,
+            json=json_lines,
+            quiet=quiet,
+            max_pixels=max_pixels,
+            jpeg_quality=jpeg_quality,
+        )
+        loaded = load_requested_model(model, weights)
+        streams = Streams(stdin=sys.stdin if "-" in inputs else None)
+        return RestoreRun(options, loaded, streams).run()
+
+    raise typer.Exit(run_guarded(debug, feature))
+
+
+def load_requested_model(name: str | None, weights: Path | None):
+    """``--model`` as given, or the default entry of weights.yaml."""
+    from restore_cli.models.loading import load_model
+    from restore_cli.weights import default_entry
+
+    if name is None:
+        entry = default_entry()
+        if entry is None:
+            raise RestoreCliError(
+                "no default model is shipped in this version yet; pass --model NAME or "
+                "--model PATH (see `restore-cli models`)"
+            )
+        name = entry.name
+    return load_model(name, weights=weights)
+
+
+@app.command("models")
+def list_models_command(
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per model.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """List known models with their status (shipped / cached / downloadable / missing)."""
+    from restore_cli.models.loading import list_models
+
+    rows = run_guarded(debug, list_models)
+    if json_lines:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "arch", "status", "licence", "description")
+    for row in rows:
+        name = f"{row['name']} (default)" if row.get("default") else row["name"]
+        table.add_row(name, row["arch"], row["status"], row["licence"], row["description"])
+    Console().print(table)
+    if not rows:
+        print("no models registered in weights.yaml yet; --model PATH loads a weights file")
+
+
+def main() -> None:
+    app()
