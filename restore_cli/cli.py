@@ -226,5 +226,86 @@ def list_models_command(
         print("no models registered in weights.yaml yet; --model PATH loads a weights file")
 
 
+def parse_mixed(value: str | None) -> tuple[int, int] | None:
+    """``K`` or ``K1-K2`` (number of degradation types per image)."""
+    if value is None:
+        return None
+    low, _, high = value.partition("-")
+    try:
+        bounds = (int(low), int(high or low))
+    except ValueError:
+        raise ConfigError(f"--mixed {value!r}: expected K or K1-K2, e.g. 2 or 2-3") from None
+    return bounds
+
+
+@app.command()
+def synthesize(
+    inputs: Annotated[
+        list[str], typer.Argument(help="Clean photos: files, folders or globs.", metavar="CLEAN...")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
+    types: Annotated[
+        str, typer.Option(help="Comma-separated degradation families or names (see --help).")
+    ],
+    levels: Annotated[str, typer.Option(help="Levels to draw from.")] = "light,medium,heavy",
+    mixed: Annotated[
+        str | None, typer.Option(help="K or K1-K2 types per image, in physical order.")
+    ] = None,
+    gated: Annotated[
+        bool, typer.Option(help="Keep each type with probability --probability (UniRestorer).")
+    ] = False,
+    probability: Annotated[
+        float, typer.Option(help="Gate probability per type with --gated.")
+    ] = 0.5,
+    ood: Annotated[
+        float, typer.Option(help="Chance that a step samples its out-of-distribution range.")
+    ] = 0.0,
+    per_image: Annotated[int, typer.Option(help="Pairs made from each clean photo.")] = 1,
+    crop: Annotated[
+        int | None, typer.Option(help="Random crop side in pixels (default: whole image).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Run seed: same seed, same bytes.")] = 0,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N] for applying degradations.")] = (
+        "cpu"
+    ),
+    preview: Annotated[
+        bool, typer.Option(help="Also write OUT/preview.png: one row per type, light → heavy.")
+    ] = False,
+    recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Make degraded/clean pairs (OUT/lq, OUT/gt, OUT/metadata.csv) from clean photos."""
+    from restore_cli.synthesize import SynthesizeOptions, make_spec
+    from restore_cli.synthesize import synthesize as run
+
+    def feature() -> int:
+        spec = make_spec(
+            [t.strip() for t in types.split(",") if t.strip()],
+            [level.strip() for level in levels.split(",") if level.strip()],
+            mixed=parse_mixed(mixed),
+            gated=gated,
+            probability=probability,
+            ood=ood,
+        )
+        options = SynthesizeOptions(
+            inputs=inputs,
+            output_dir=output,
+            spec=spec,
+            per_image=per_image,
+            crop=crop,
+            seed=seed,
+            workers=workers,
+            device=device,
+            preview=preview,
+            recursive=recursive,
+            quiet=quiet,
+        )
+        return run(options)
+
+    raise typer.Exit(run_guarded(debug, feature))
+
+
 def main() -> None:
     app()
