@@ -307,5 +307,103 @@ def synthesize(
     raise typer.Exit(run_guarded(debug, feature))
 
 
+class ColorSpace(str, Enum):
+    rgb = "rgb"
+    y = "y"
+
+
+@app.command("eval")
+def eval_command(
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="PRED [GT], or with --compare DIR1 DIR2 ... [GT]. GT is the last path when a "
+            "metric needs it (unless --gt).",
+            metavar="PATH...",
+        ),
+    ] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("eval"),
+    metrics: Annotated[
+        str, typer.Option(help="Comma-separated: psnr, ssim, or any pyiqa metric name.")
+    ] = "psnr,ssim",
+    color: Annotated[
+        ColorSpace, typer.Option(help="PSNR/SSIM on rgb or on BT.601 luma (y).")
+    ] = ColorSpace.rgb,
+    crop_border: Annotated[
+        int, typer.Option(min=0, help="Pixels cut from each side before PSNR/SSIM.")
+    ] = 0,
+    metadata: Annotated[
+        Path | None, typer.Option(help="metadata.csv to join (default: DATA/metadata.csv).")
+    ] = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Score several prediction folders side by side.")
+    ] = False,
+    gt: Annotated[Path | None, typer.Option("--gt", help="Ground-truth folder.")] = None,
+    model: Annotated[
+        list[str],
+        typer.Option("--model", help="Restore DATA/lq with this model first (repeatable)."),
+    ] = [],  # noqa: B006 - Typer reads the default, it is never mutated
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="Use this file for the named model.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="A synthesize output: DATA/lq, DATA/gt.")
+    ] = None,
+    mode: Annotated[Mode, typer.Option(help="auto: the model decides; instruction: --task.")] = (
+        Mode.auto
+    ),
+    task: Annotated[
+        list[str], typer.Option("--task", help="Task(s) for --mode instruction, comma-separated.")
+    ] = [],  # noqa: B006 - Typer reads the default, it is never mutated
+    tile: Annotated[str, typer.Option(help="Tile side for --model, 0 = whole image, or auto.")] = (
+        "auto"
+    ),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[Precision, typer.Option(help="auto = bf16/fp16 on CUDA.")] = (
+        Precision.auto
+    ),
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per metric batch on CUDA.")] = 8,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite/--skip-existing", help="Redo --model predictions that exist."),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Score predictions against ground truth (or without it): per-image and summary CSVs,
+    a table on stderr, summary.png."""
+    from restore_cli.engine import EngineOptions
+    from restore_cli.evaluate import EvalOptions, evaluate, parse_metrics, split_paths
+
+    def feature() -> int:
+        names = parse_metrics(metrics)
+        predictions, gt_folder = [], gt
+        if paths:
+            predictions, gt_folder = split_paths(
+                paths, compare=compare, gt=gt, metrics=names, data=data
+            )
+        options = EvalOptions(
+            predictions=predictions,
+            gt=gt_folder,
+            output_dir=output,
+            metrics=names,
+            color=color.value,
+            crop_border=crop_border,
+            metadata=metadata,
+            models=model,
+            weights=weights,
+            data=data,
+            mode=mode.value,
+            tasks=split_tasks(task),
+            engine=EngineOptions(device=device, precision=precision.value, tile=parse_tile(tile)),
+            overwrite=overwrite,
+            batch_size=batch_size,
+            quiet=quiet,
+        )
+        return evaluate(options)
+
+    raise typer.Exit(run_guarded(debug, feature))
+
+
 def main() -> None:
     app()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from restore_cli.errors import ModelError, WeightsError
+from restore_cli.models.baselines import BASELINES, baseline_rows, is_baseline, load_baseline
 from restore_cli.models.registry import (
     LoadedModel,
     ModelSpec,
@@ -222,12 +223,16 @@ def load_model(
                 f"{path} is already a weights file; --weights only goes with a model name"
             )
         return _ready(_load_from_file(path), device)
+    if is_baseline(text):
+        if weights is not None:
+            raise ModelError(f"model {text!r} is a built-in baseline; it takes no --weights")
+        return _ready(load_baseline(text), device)
     entries = load_weights_registry()
     if text in entries:
         return _ready(_load_entry(entries[text], weights), device)
     if _looks_like_path(text):
         raise WeightsError(f"weights file not found: {path}")
-    known = ", ".join(sorted(entries)) or "none yet"
+    known = ", ".join(sorted([*entries, *BASELINES]))
     raise ModelError(
         f"unknown model {text!r} (known models: {known}; or give the path of a "
         ".safetensors/.pth weights file)"
@@ -235,8 +240,8 @@ def load_model(
 
 
 def list_models() -> list[dict[str, Any]]:
-    """One row per weights.yaml entry, for ``restore-cli models``."""
-    return [
+    """One row per weights.yaml entry, then the built-in baselines, for ``restore-cli models``."""
+    registered = [
         {
             "name": entry.name,
             "arch": entry.arch,
@@ -248,6 +253,7 @@ def list_models() -> list[dict[str, Any]]:
         }
         for entry in load_weights_registry().values()
     ]
+    return registered + baseline_rows()
 
 
 def _load_from_file(path: Path) -> LoadedModel:
