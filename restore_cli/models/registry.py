@@ -32,7 +32,10 @@ class ModelSpec:
     supports_bf16: bool = True
     input_channels: int = 3
     output_channels: int = 3
-    tasks: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()  # what the weights were trained for
+    # True only for networks whose forward takes ``tasks=`` (instruction mode, e.g. UniRestorer's
+    # task masks); blind all-in-one models such as PromptIR decide for themselves.
+    instructable: bool = False
     # Peak CUDA memory per megapixel of input at fp32, in MiB; None = measure on first use.
     memory_mib_per_mp: float | None = None
     # Smallest height/width the network accepts (pad up to it) and whether it needs square input;
@@ -103,7 +106,7 @@ def detect_architecture(state_dict: StateDict) -> tuple[Architecture, dict[str, 
 
 def _import_builtin_architectures() -> None:
     # Importing a module registers its architecture; kept lazy so `--help` stays fast.
-    from restore_cli.models import nafnet  # noqa: F401
+    from restore_cli.models import nafnet, promptir, restormer  # noqa: F401
 
 
 MODES = ("auto", "instruction")
@@ -123,7 +126,7 @@ def apply_mode(model: LoadedModel, mode: str, tasks: list[str]) -> None:
         model.conditions.pop("tasks", None)
         return
     valid = model.spec.tasks
-    if not valid:
+    if not model.spec.instructable or not valid:
         raise ModelError(f"model {model.name} takes no task instructions; use --mode auto")
     if not tasks:
         raise ModelError(f"--mode instruction needs --task (valid: {', '.join(valid)})")
