@@ -350,3 +350,25 @@ def test_list_models_rows(tiny_registry: dict[str, Any]) -> None:
     }
     load_model("tiny-nafnet")
     assert list_models()[0]["status"] == "cached"
+
+
+def test_declared_architecture_in_our_header_wins_over_key_detection(tmp_path):
+    """A file written by `train` names its arch, e.g. nafnet-local, which keys cannot tell."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from restore_cli.models.registry import get_architecture
+
+    config = {"img_channel": 3, "width": 8, "middle_blk_num": 1, "enc_blk_nums": [1, 1],
+              "dec_blk_nums": [1, 1], "train_size": [1, 3, 32, 32]}  # fmt: skip
+    module = get_architecture("nafnet-local").build(config)
+    path = tmp_path / "local.safetensors"
+    tensors = {k: v.contiguous() for k, v in module.state_dict().items()}
+    save_file(tensors, str(path), metadata={"arch": "nafnet-local", "config": json.dumps(config)})
+    assert load_model(path).spec.arch == get_architecture("nafnet-local").spec(config).arch
+    plain = tmp_path / "plain.safetensors"
+    save_file(tensors, str(plain))
+    assert load_model(plain).spec.arch == "nafnet"  # keys alone say plain NAFNet
+    forced = load_model("nafnet-local", weights=plain)  # --model ARCH --weights FILE
+    assert forced.spec.arch == load_model(path).spec.arch

@@ -9,6 +9,7 @@ descriptor is translated into our :class:`ModelSpec`; the engine never sees the 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -24,8 +25,10 @@ from torch import nn
 from restore_cli.errors import ModelError, WeightsError
 from restore_cli.models.baselines import BASELINES, baseline_rows, is_baseline, load_baseline
 from restore_cli.models.registry import (
+    Architecture,
     LoadedModel,
     ModelSpec,
+    architecture_names,
     detect_architecture,
     get_architecture,
 )
@@ -230,6 +233,8 @@ def load_model(
     entries = load_weights_registry()
     if text in entries:
         return _ready(_load_entry(entries[text], weights), device)
+    if weights is not None and text in architecture_names():
+        return _ready(_load_architecture_file(text, Path(weights).expanduser()), device)
     if _looks_like_path(text):
         raise WeightsError(f"weights file not found: {path}")
     known = ", ".join(sorted([*entries, *BASELINES]))
@@ -256,15 +261,62 @@ def list_models() -> list[dict[str, Any]]:
     return registered + baseline_rows()
 
 
+def declared_architecture(path: Path) -> tuple[str, dict[str, Any]] | None:
+    """``(arch, config)`` stored in a safetensors header by `restore-cli train`, if any.
+
+    It names variants that keys cannot tell apart (``nafnet-local`` has ``nafnet``'s keys).
+    """
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if "arch" not in metadata or "config" not in metadata:
+            return None
+        return metadata["arch"], json.loads(metadata["config"])
+    except (OSError, ValueError, RuntimeError):
+        return None  # read_state_dict reports unreadable files
+
+
 def _load_from_file(path: Path) -> LoadedModel:
     state_dict = read_state_dict(path)
+    declared = declared_architecture(path)
+    if declared is not None:
+        return _load_as(get_architecture(declared[0]), declared[1], state_dict, path)
     detected = detect_architecture(state_dict)
     if detected is None:
         return _load_with_spandrel(state_dict, path, name=path.stem)
-    arch, config = detected
+    return _load_as(*detected, state_dict, path)
+
+
+def _load_as(
+    arch: Architecture, config: Mapping[str, Any], state_dict: StateDict, path: Path
+) -> LoadedModel:
     module = _build(arch.name, arch.build, config, origin=str(path))
     strict_load(module, state_dict, path, arch.name)
-    return LoadedModel(name=path.stem, module=module, spec=arch.spec(config), source=str(path))
+    return LoadedModel(
+        name=path.stem, module=module, spec=arch.spec(dict(config)), source=str(path)
+    )
+
+
+def _load_architecture_file(arch_name: str, path: Path) -> LoadedModel:
+    """``--model ARCH --weights FILE``: the file's config under the named architecture.
+
+    The config comes from the file (our header, else key/shape detection); the architecture
+    comes from the user, so a NAFNet-GoPro file runs as ``nafnet-local`` when asked to.
+    """
+    arch = get_architecture(arch_name)
+    state_dict = read_state_dict(path)
+    declared = declared_architecture(path)
+    config = declared[1] if declared is not None else arch.detect(state_dict)
+    if config is None:
+        detected = detect_architecture(state_dict)
+        config = detected[1] if detected is not None else None
+    if config is None:
+        raise ModelError(f"{path}: cannot infer a {arch_name} config from its keys")
+    return _load_as(arch, config, state_dict, path)
 
 
 def _load_entry(entry: WeightsEntry, weights: str | os.PathLike[str] | None) -> LoadedModel:

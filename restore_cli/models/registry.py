@@ -104,6 +104,11 @@ def detect_architecture(state_dict: StateDict) -> tuple[Architecture, dict[str, 
     return None
 
 
+def architecture_names() -> list[str]:
+    _import_builtin_architectures()
+    return sorted(ARCHITECTURES)
+
+
 def _import_builtin_architectures() -> None:
     # Importing a module registers its architecture; kept lazy so `--help` stays fast.
     from restore_cli.models import nafnet, promptir, restormer  # noqa: F401
