@@ -1,6 +1,6 @@
 """Degradation speed: pairs/s per type on 512x512 crops, CPU (and CUDA when present).
 
-    python benchmarks/degradations.py [PHOTO] [--device cpu|cuda] [--seconds 3]
+    python benchmarks/degradations.py [PHOTO] [--device cpu|cuda] [--seconds 3] [--threads N]
 
 Each type is applied at medium level with fresh parameters and seeds for ``--seconds`` after a
 warm-up; the figure counts the degradation alone (no decode/encode). Prints a Markdown table.
@@ -54,7 +54,10 @@ def main() -> None:
     parser.add_argument("photo", nargs="?", type=Path)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     image = crop_512(args.photo).to(args.device)
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, {platform.processor()}")
     print("| degradation | family | pairs/s (512×512) |\n|---|---|---|")
