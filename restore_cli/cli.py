@@ -260,6 +260,10 @@ def synthesize(
     ood: Annotated[
         float, typer.Option(help="Chance that a step samples its out-of-distribution range.")
     ] = 0.0,
+    param: Annotated[
+        list[str],
+        typer.Option("--param", help="Pin a parameter: NAME.PARAM=VALUE (repeatable)."),
+    ] = [],  # noqa: B006 - Typer reads the default, it is never mutated
     per_image: Annotated[int, typer.Option(help="Pairs made from each clean photo.")] = 1,
     crop: Annotated[
         int | None, typer.Option(help="Random crop side in pixels (default: whole image).")
@@ -288,6 +292,7 @@ def synthesize(
             gated=gated,
             probability=probability,
             ood=ood,
+            fixed=param,
         )
         options = SynthesizeOptions(
             inputs=inputs,

@@ -95,13 +95,40 @@ def make_spec(
     gated: bool = False,
     probability: float = 0.5,
     ood: float = 0.0,
+    fixed: list[str] | None = None,
 ) -> MixtureSpec:
-    """The mixture spec behind the CLI options (the same levels for every type)."""
+    """The mixture spec behind the CLI options (the same levels for every type).
+
+    ``fixed`` holds ``NAME.PARAM=VALUE`` strings that pin a parameter (``gaussian_noise.sigma=25``).
+    """
     validate_levels(levels)
     validate_types(types)
     gate = probability if gated else 1.0
     components = {name: Component(probability=gate, levels=tuple(levels)) for name in types}
-    return MixtureSpec(tuple(types), components, mixed=mixed, gated=gated, ood_probability=ood)
+    pinned = parse_fixed(fixed or [])
+    return MixtureSpec(
+        tuple(types), components, mixed=mixed, gated=gated, ood_probability=ood, fixed=pinned
+    )
+
+
+def parse_fixed(items: list[str]) -> dict[str, dict[str, float | int | str]]:
+    pinned: dict[str, dict[str, float | int | str]] = {}
+    for item in items:
+        target, _, text = item.partition("=")
+        name, _, key = target.partition(".")
+        if not (name and key and text):
+            raise ConfigError(
+                f"--param {item!r}: expected NAME.PARAM=VALUE, e.g. gaussian_noise.sigma=25"
+            )
+        value: float | int | str = text
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                continue
+        pinned.setdefault(name, {})[key] = value
+    return pinned
 
 
 def plan_pairs(options: SynthesizeOptions) -> tuple[list[PairJob], list[str]]:

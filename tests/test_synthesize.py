@@ -213,3 +213,13 @@ def test_cli_synthesize(clean, tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and "unknown degradation type 'fog'" in bad.stderr
+
+
+def test_pinned_parameters_override_the_sampled_ones():
+    spec = make_spec(["gaussian_noise"], ["heavy"], fixed=["gaussian_noise.sigma=25"])
+    chain = sample_chain(spec, np.random.default_rng(0))
+    assert chain.steps[0].params == {"sigma": 25}
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        make_spec(["gaussian_noise"], ["heavy"], fixed=["gaussian_noise.sgima=25"])
+    with pytest.raises(ConfigError, match="NAME.PARAM=VALUE"):
+        make_spec(["gaussian_noise"], ["heavy"], fixed=["sigma25"])

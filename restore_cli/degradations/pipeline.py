@@ -111,9 +111,22 @@ class MixtureSpec:
     mixed: tuple[int, int] | None = None
     gated: bool = False
     ood_probability: float = 0.0
+    # Pinned parameter values by degradation name, e.g. {"gaussian_noise": {"sigma": 25.0}}:
+    # benchmark sets with one exact setting (σ = 25) instead of a sampled range.
+    fixed: Mapping[str, Mapping[str, float | int | str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         validate_types(self.types)
+        for name, values in self.fixed.items():
+            if name not in DEGRADATIONS:
+                raise ConfigError(
+                    f"--param {name}: unknown degradation (valid: {', '.join(DEGRADATIONS)})"
+                )
+            known = {p.name for p in DEGRADATIONS[name].params}
+            for key in values:
+                if key not in known:
+                    valid = ", ".join(sorted(known))
+                    raise ConfigError(f"--param {name}.{key}: unknown parameter (valid: {valid})")
         for name, component in self.components.items():
             if name not in self.types:
                 raise ConfigError(f"component {name!r} is not among the types {self.types}")
@@ -208,7 +221,7 @@ def sample_chain(spec: MixtureSpec, rng: np.random.Generator) -> Chain:
         levels = spec.component(type_name).levels
         level = levels[int(rng.integers(len(levels)))]
         ood = bool(rng.random() < spec.ood_probability)
-        params = DEGRADATIONS[name].sample_params(level, rng, ood)
+        params = DEGRADATIONS[name].sample_params(level, rng, ood) | dict(spec.fixed.get(name, {}))
         steps.append(Step(name, level, ood, params))
     return Chain(tuple(steps))
 
