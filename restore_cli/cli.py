@@ -312,6 +312,58 @@ def synthesize(
     raise typer.Exit(run_guarded(debug, feature))
 
 
+@app.command()
+def train(
+    config: Annotated[
+        Path, typer.Argument(help="Training config (YAML); see docs/training.md.", metavar="CONFIG")
+    ],
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (latest checkpoint in the run folder, else start fresh), a checkpoint "
+            "file, or a run folder."
+        ),
+    ] = None,
+    set_values: Annotated[
+        list[str],
+        typer.Option(
+            "--set",
+            help="Override a config value: KEY=VALUE (dotted key, YAML value).",
+            metavar="KEY=VALUE",
+        ),
+    ] = [],  # noqa: B006 - Typer reads the default, it is never mutated
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run folder [default: runs/<config name>].")
+    ] = None,
+    max_minutes: Annotated[
+        float | None,
+        typer.Option(help="Stop with a checkpoint after this many minutes (exit code 75)."),
+    ] = None,
+    stop_at: Annotated[
+        int | None, typer.Option(help="Stop with a checkpoint after this iteration.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Train a restoration model from a YAML config (resumable; runs under torchrun)."""
+    from restore_cli.train import TrainOptions
+    from restore_cli.train import train as run
+
+    def feature() -> int:
+        options = TrainOptions(
+            config=config,
+            overrides=set_values,
+            resume=resume,
+            run_dir=out,
+            max_minutes=max_minutes,
+            stop_at=stop_at,
+            quiet=quiet,
+        )
+        return run(options)
+
+    raise typer.Exit(run_guarded(debug, feature))
+
+
 class ColorSpace(str, Enum):
     rgb = "rgb"
     y = "y"

@@ -221,5 +221,5 @@ def test_pinned_parameters_override_the_sampled_ones():
     assert chain.steps[0].params == {"sigma": 25}
     with pytest.raises(ConfigError, match="unknown parameter"):
         make_spec(["gaussian_noise"], ["heavy"], fixed=["gaussian_noise.sgima=25"])
-    with pytest.raises(ConfigError, match="NAME.PARAM=VALUE"):
+    with pytest.raises(ConfigError, match=r"NAME\.PARAM=VALUE"):
         make_spec(["gaussian_noise"], ["heavy"], fixed=["sigma25"])
