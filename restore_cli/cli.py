@@ -51,6 +51,20 @@ class OutputExt(str, Enum):
     tif = "tif"
 
 
+# Options shared by several commands, declared once.
+WeightsOption = Annotated[
+    Path | None, typer.Option("--weights", help="Use this file for the named model.")
+]
+ModeOption = Annotated[Mode, typer.Option(help="auto: the model decides; instruction: --task.")]
+TaskOption = Annotated[
+    list[str], typer.Option("--task", help="Task(s) for --mode instruction, comma-separated.")
+]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+PrecisionOption = Annotated[Precision, typer.Option(help="auto = bf16/fp16 on CUDA.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")]
+DebugOption = Annotated[bool, typer.Option(help="Show tracebacks.")]
+
+
 def run_guarded(debug: bool, feature: Callable[[], T]) -> T:
     """Run a feature; a user-fixable error becomes one line on stderr and exit code 2."""
     try:
@@ -107,23 +121,15 @@ def restore(
     model: Annotated[
         str | None, typer.Option("--model", help="Model name (see `models`) or a weights file.")
     ] = None,
-    weights: Annotated[
-        Path | None, typer.Option("--weights", help="Use this file for the named model.")
-    ] = None,
-    mode: Annotated[Mode, typer.Option(help="auto: the model decides; instruction: --task.")] = (
-        Mode.auto
-    ),
-    task: Annotated[
-        list[str], typer.Option("--task", help="Task(s) for --mode instruction, comma-separated.")
-    ] = [],  # noqa: B006 - Typer reads the default, it is never mutated
+    weights: WeightsOption = None,
+    mode: ModeOption = Mode.auto,
+    task: TaskOption = [],  # noqa: B006 - Typer reads the default, it is never mutated
     tile: Annotated[str, typer.Option(help="Tile side in pixels, 0 = whole image, or auto.")] = (
         "auto"
     ),
     tile_overlap: Annotated[int, typer.Option(help="Overlap between tiles in pixels.")] = 32,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[Precision, typer.Option(help="auto = bf16/fp16 on CUDA.")] = (
-        Precision.auto
-    ),
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = Precision.auto,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass; 0 = auto.")] = 0,
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")
@@ -142,12 +148,12 @@ def restore(
     json_lines: Annotated[
         bool, typer.Option("--json", help="Print one JSON object per file on stdout.")
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
+    quiet: QuietOption = False,
     max_pixels: Annotated[
         int, typer.Option(help="Refuse images with more pixels (decompression bombs).")
     ] = 200_000_000,
     jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.")] = 95,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+    debug: DebugOption = False,
 ) -> None:
     """Restore images and write them to the output folder, with a CSV of what was done."""
     from restore_cli.engine import EngineOptions
@@ -204,7 +210,7 @@ def load_requested_model(name: str | None, weights: Path | None):
 @app.command("models")
 def list_models_command(
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per model.")] = False,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+    debug: DebugOption = False,
 ) -> None:
     """List known models with their status (shipped / cached / downloadable / missing)."""
     from restore_cli.models.loading import list_models
@@ -277,8 +283,8 @@ def synthesize(
         bool, typer.Option(help="Also write OUT/preview.png: one row per type, light → heavy.")
     ] = False,
     recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = True,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Make degraded/clean pairs (OUT/lq, OUT/gt, OUT/metadata.csv) from clean photos."""
     from restore_cli.synthesize import SynthesizeOptions, make_spec
@@ -342,8 +348,8 @@ def train(
     stop_at: Annotated[
         int | None, typer.Option(help="Stop with a checkpoint after this iteration.")
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages.")] = False,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Train a restoration model from a YAML config (resumable; runs under torchrun)."""
     from restore_cli.train import TrainOptions
@@ -400,32 +406,24 @@ def eval_command(
         list[str],
         typer.Option("--model", help="Restore DATA/lq with this model first (repeatable)."),
     ] = [],  # noqa: B006 - Typer reads the default, it is never mutated
-    weights: Annotated[
-        Path | None, typer.Option("--weights", help="Use this file for the named model.")
-    ] = None,
+    weights: WeightsOption = None,
     data: Annotated[
         Path | None, typer.Option("--data", help="A synthesize output: DATA/lq, DATA/gt.")
     ] = None,
-    mode: Annotated[Mode, typer.Option(help="auto: the model decides; instruction: --task.")] = (
-        Mode.auto
-    ),
-    task: Annotated[
-        list[str], typer.Option("--task", help="Task(s) for --mode instruction, comma-separated.")
-    ] = [],  # noqa: B006 - Typer reads the default, it is never mutated
+    mode: ModeOption = Mode.auto,
+    task: TaskOption = [],  # noqa: B006 - Typer reads the default, it is never mutated
     tile: Annotated[str, typer.Option(help="Tile side for --model, 0 = whole image, or auto.")] = (
         "auto"
     ),
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[Precision, typer.Option(help="auto = bf16/fp16 on CUDA.")] = (
-        Precision.auto
-    ),
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = Precision.auto,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per metric batch on CUDA.")] = 8,
     overwrite: Annotated[
         bool,
         typer.Option("--overwrite/--skip-existing", help="Redo --model predictions that exist."),
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Score predictions against ground truth (or without it): per-image and summary CSVs,
     a table on stderr, summary.png."""

@@ -54,18 +54,7 @@ def synthetic_photo(size: int = 256) -> torch.Tensor:
 
 
 def typical_params(degradation: Degradation, level: str, ood: bool = False) -> dict:
-    """Middle of the level's interval; nuisance params mid-range; first choice option."""
-    params = {}
-    for p in degradation.params:
-        if isinstance(p, Choice):
-            params[p.name] = p.options[0]
-            continue
-        low, high = p.interval(level, ood)
-        value = math.sqrt(low * high) if p.log else (low + high) / 2
-        if p.integer:
-            value = round(value) | 1 if p.odd else round(value)
-        params[p.name] = value
-    return params
+    return degradation.typical_params(level, ood)
 
 
 def run(name: str, image: torch.Tensor, params: dict, seed: int = 0) -> torch.Tensor:

@@ -50,16 +50,7 @@ def outdoor_scene(height: int = 256, width: int = 256) -> torch.Tensor:
 
 
 def typical_params(degradation: Degradation, level: str, ood: bool = False) -> dict:
-    """The middle of each parameter's interval at ``level``; the first option of a choice."""
-    params = {}
-    for p in degradation.params:
-        if isinstance(p, Choice):
-            params[p.name] = p.options[0]
-            continue
-        low, high = p.interval(level, ood)
-        value = (low + high) / 2
-        params[p.name] = round(value) if p.integer else value
-    return params
+    return degradation.typical_params(level, ood)
 
 
 def run(name: str, image: torch.Tensor, params: dict, seed: int) -> torch.Tensor:

@@ -105,6 +105,23 @@ class Degradation:
             raise ConfigError(f"level {level!r}: expected one of {', '.join(LEVELS)}")
         return {p.name: p.sample(level, ood, rng) for p in self.params}
 
+    def typical_params(self, level: str, ood: bool = False) -> Params:
+        """Deterministic mid-interval parameters (geometric mid for log ones; first choice).
+
+        For tests and previews that need a representative setting rather than a random one.
+        """
+        params: Params = {}
+        for p in self.params:
+            if isinstance(p, Choice):
+                params[p.name] = p.options[0]
+                continue
+            low, high = p.interval(level, ood)
+            value = math.sqrt(low * high) if p.log else (low + high) / 2
+            if p.integer:
+                value = round(value) | 1 if p.odd else round(value)
+            params[p.name] = value
+        return params
+
     def __call__(
         self, image: torch.Tensor, params: Mapping[str, Any], generator: torch.Generator
     ) -> torch.Tensor:
