@@ -1,0 +1,41 @@
+"""The shipped default model: registered, verified, small, and it actually restores."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from restore_cli.degradations import DEGRADATIONS
+from restore_cli.engine import Engine, EngineOptions
+from restore_cli.models.loading import load_model
+from restore_cli.weights import default_entry, entry_status, shipped_path
+
+MAX_FILE_BYTES = 15 * 2**20
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b) ** 2)))
+
+
+def test_default_is_shipped_small_and_verified():
+    entry = default_entry()
+    assert entry is not None and entry.file is not None
+    assert entry_status(entry) == "shipped"
+    assert shipped_path(entry).stat().st_size <= MAX_FILE_BYTES
+    loaded = load_model(entry.name)  # verifies the sha256
+    assert sum(p.numel() for p in loaded.module.parameters()) < 2_000_000
+
+
+def test_default_model_removes_noise_from_a_photo_like_image():
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:192, 0:192] / 192
+    clean = np.stack([0.5 + 0.3 * np.sin(7 * x), 0.3 + 0.5 * y, 0.4 + 0.3 * (x > 0.6)], -1)
+    clean = np.clip(clean + 0.02 * rng.standard_normal(clean.shape), 0, 1).astype(np.float32)
+    tensor = torch.from_numpy(clean).permute(2, 0, 1)[None]
+    noisy = DEGRADATIONS["gaussian_noise"](
+        tensor, {"sigma": 25.0}, torch.Generator().manual_seed(1)
+    )
+    noisy = noisy[0].permute(1, 2, 0).numpy()
+    engine = Engine(load_model(default_entry().name), EngineOptions(device="cpu"))
+    restored, _ = engine.restore(noisy)
+    assert psnr(restored, clean) > psnr(noisy, clean) + 3.0
