@@ -134,11 +134,6 @@ def test_cli_reads_paths_from_stdin_and_prints_json(workspace):
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(workspace, tmp_path):
-    missing_default = run_cli("restore", str(workspace["in"]), "-o", str(tmp_path / "x"))
-    assert missing_default.returncode == 2
-    assert missing_default.stderr.strip().count("\n") == 0
-    assert "no default model" in missing_default.stderr
-
     unknown = run_cli("restore", str(workspace["in"]), "--model", "no-such-model")
     assert unknown.returncode == 2 and "no-such-model" in unknown.stderr
     assert "Traceback" not in unknown.stderr
@@ -217,3 +212,14 @@ def test_interrupt_keeps_finished_outputs_and_flushes_the_csv(workspace, monkeyp
     assert (workspace["out"] / "a.png").exists()
     assert not (workspace["out"] / "b.jpg").exists()
     assert not [p for p in workspace["out"].rglob(".*")]
+
+
+def test_default_model_is_used_without_model_and_its_absence_is_one_clear_error(monkeypatch):
+    import restore_cli.weights as weights
+    from restore_cli.cli import load_requested_model
+    from restore_cli.errors import RestoreCliError
+
+    assert load_requested_model(None, None).name == weights.default_entry().name
+    monkeypatch.setattr(weights, "default_entry", lambda: None)
+    with pytest.raises(RestoreCliError, match="no default model"):
+        load_requested_model(None, None)
