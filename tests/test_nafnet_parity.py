@@ -8,7 +8,6 @@ GoPro/REDS releases are NAFNetLocal (``nafnet-local``): same keys, local pooling
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -31,8 +30,8 @@ from restore_cli.models.nafnet import (
 )
 from restore_cli.models.registry import detect_architecture, get_architecture
 from restore_cli.weights import sha256_file
+from tests.parity import PARITY_ROOT, config_params, full_configs, load_check_fixture
 
-PARITY_ROOT = Path(__file__).resolve().parents[2] / "shared" / "parity"
 FIXTURE_DIR = PARITY_ROOT / "nafnet"
 MISSING_REASON = f"NAFNet parity fixtures not found at {FIXTURE_DIR}"
 needs_fixtures = pytest.mark.skipif(not FIXTURE_DIR.is_dir(), reason=MISSING_REASON)
@@ -49,25 +48,16 @@ SMALL_CONFIG: dict[str, Any] = {
 
 
 def _full_configs() -> dict[str, Any]:
-    path = FIXTURE_DIR / "full_shapes.json"
-    return json.loads(path.read_text())["configs"] if path.is_file() else {}
+    return full_configs(FIXTURE_DIR)
 
 
 def _config_params() -> list[Any]:
-    names = list(_full_configs())
-    if not names:
-        return [pytest.param(None, id="no-fixtures", marks=pytest.mark.skip(MISSING_REASON))]
-    return [pytest.param(name, id=name) for name in names]
+    return config_params(FIXTURE_DIR, MISSING_REASON)
 
 
 @pytest.fixture(scope="module")
 def check_fixture() -> ModuleType:
-    """The shared checker, imported from its file (it is not a package)."""
-    spec = importlib.util.spec_from_file_location("check_fixture", PARITY_ROOT / "check_fixture.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_check_fixture()
 
 
 def _nafnet_kwargs(config: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,6 @@ state dict sits under ``state_dict`` with a ``net.`` prefix; the tests rebuild t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -25,8 +24,8 @@ from restore_cli.models.promptir import (
     detect_promptir,
 )
 from restore_cli.models.registry import detect_architecture, get_architecture
+from tests.parity import PARITY_ROOT, load_check_fixture
 
-PARITY_ROOT = Path(__file__).resolve().parents[2] / "shared" / "parity"
 FIXTURE_DIR = PARITY_ROOT / "promptir"
 MISSING_REASON = f"PromptIR parity fixtures not found at {FIXTURE_DIR}"
 needs_fixtures = pytest.mark.skipif(not FIXTURE_DIR.is_dir(), reason=MISSING_REASON)
@@ -37,12 +36,7 @@ SMALL_CONFIG: dict[str, Any] = {"num_blocks": [1, 1, 1, 1], "num_refinement_bloc
 
 @pytest.fixture(scope="module")
 def check_fixture() -> ModuleType:
-    """The shared checker, imported from its file (it is not a package)."""
-    spec = importlib.util.spec_from_file_location("check_fixture", PARITY_ROOT / "check_fixture.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_check_fixture()
 
 
 def _full_shapes(name: str) -> dict[str, Any]:

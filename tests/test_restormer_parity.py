@@ -7,7 +7,6 @@ Official-size models are built on the meta device, so the 26 M-parameter configs
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -22,8 +21,8 @@ from restore_cli.models.registry import detect_architecture, get_architecture
 from restore_cli.models.restormer import ChannelLayerNorm, detect_restormer
 from restore_cli.tiling import forward_padded, pad_to_multiple
 from restore_cli.weights import sha256_file
+from tests.parity import PARITY_ROOT, config_params, full_configs, load_check_fixture
 
-PARITY_ROOT = Path(__file__).resolve().parents[2] / "shared" / "parity"
 FIXTURE_DIR = PARITY_ROOT / "restormer"
 MISSING_REASON = f"Restormer parity fixtures not found at {FIXTURE_DIR}"
 needs_fixtures = pytest.mark.skipif(not FIXTURE_DIR.is_dir(), reason=MISSING_REASON)
@@ -43,25 +42,16 @@ TINY_CONFIG: dict[str, Any] = {
 
 
 def _full_configs() -> dict[str, Any]:
-    path = FIXTURE_DIR / "full_shapes.json"
-    return json.loads(path.read_text())["configs"] if path.is_file() else {}
+    return full_configs(FIXTURE_DIR)
 
 
 def _config_params() -> list[Any]:
-    names = list(_full_configs())
-    if not names:
-        return [pytest.param(None, id="no-fixtures", marks=pytest.mark.skip(MISSING_REASON))]
-    return [pytest.param(name, id=name) for name in names]
+    return config_params(FIXTURE_DIR, MISSING_REASON)
 
 
 @pytest.fixture(scope="module")
 def check_fixture() -> ModuleType:
-    """The shared checker, imported from its file (it is not a package)."""
-    spec = importlib.util.spec_from_file_location("check_fixture", PARITY_ROOT / "check_fixture.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_check_fixture()
 
 
 def _meta_state_dict(config: dict[str, Any]) -> dict[str, torch.Tensor]:
