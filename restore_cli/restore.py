@@ -113,6 +113,7 @@ class RestoreRun:
         self.log = RunLog(csv_path, json_stream)
         self.print_paths = not options.json and not self.streams.stdout.isatty()
         self._writes: deque[tuple[FileRecord, Future[float] | None]] = deque()
+        self.progress = BatchProgress(0, enabled=False)  # replaced by run()
 
     # -- stages -------------------------------------------------------------------------------
     def plan(self) -> list[Job]:
@@ -167,8 +168,8 @@ class RestoreRun:
         readers = ThreadPoolExecutor(self.options.readers, thread_name_prefix="read")
         writers = ThreadPoolExecutor(self.options.writers, thread_name_prefix="write")
         try:
+            self.progress = progress
             with progress:
-                self.progress = progress
                 for job, reading in prefetch(
                     readers,
                     self.read,
