@@ -6,6 +6,8 @@ single line without a traceback (``--debug`` shows the traceback).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class RestoreCliError(Exception):
     """Base class: an error the user can fix, printed as one line."""
@@ -33,3 +35,16 @@ class ModelError(RestoreCliError):
 
 class ConfigError(RestoreCliError):
     """A configuration value is invalid."""
+
+
+def one_line(error: BaseException) -> str:
+    """A single line for any exception: ours already are; others get their type and first line."""
+    if isinstance(error, RestoreCliError):
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def with_file(path: Path, message: str) -> str:
+    """``path: message``, unless the message already starts with the path."""
+    return message if message.startswith(str(path)) else f"{path}: {message}"

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from restore_cli.engine import EngineOptions, resolve_device
-from restore_cli.errors import ConfigError
+from restore_cli.errors import ConfigError, one_line
 from restore_cli.io.discover import walk_images
 from restore_cli.io.image import MAX_PIXELS_DEFAULT, read_image
 from restore_cli.metrics.iqa import (
@@ -58,7 +58,7 @@ from restore_cli.metrics.report import (
     write_summary,
 )
 from restore_cli.progress import BatchProgress
-from restore_cli.restore import one_line, prefetch
+from restore_cli.restore import prefetch
 
 DEFAULT_OUTPUT_DIR = Path("eval")
 DEFAULT_METRICS = ("psnr", "ssim")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TextIO, TypeVar
 
 from restore_cli.engine import Engine, EngineOptions
-from restore_cli.errors import RestoreCliError
+from restore_cli.errors import one_line, with_file
 from restore_cli.io.discover import Job, expand_inputs, plan_jobs
 from restore_cli.io.image import (
     MAX_PIXELS_DEFAULT,
@@ -66,18 +66,6 @@ class Streams:
     stdin: TextIO | None = None
     stdout: TextIO = field(default_factory=lambda: sys.stdout)
     stderr: TextIO = field(default_factory=lambda: sys.stderr)
-
-
-def one_line(error: BaseException) -> str:
-    """A single line for any exception: ours already are; others get their type and first line."""
-    if isinstance(error, RestoreCliError):
-        return str(error).splitlines()[0] if str(error) else type(error).__name__
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-
-
-def with_file(path: Path, message: str) -> str:
-    return message if message.startswith(str(path)) else f"{path}: {message}"
 
 
 def prefetch(

@@ -38,7 +38,7 @@ from restore_cli.degradations.pipeline import (
     validate_types,
 )
 from restore_cli.engine import resolve_device
-from restore_cli.errors import ConfigError, RestoreCliError
+from restore_cli.errors import ConfigError, one_line, with_file
 from restore_cli.io.atomic import atomic_write_bytes
 from restore_cli.io.discover import expand_inputs
 from restore_cli.io.image import MAX_PIXELS_DEFAULT, ImageExtras, read_image, write_image
@@ -274,7 +274,7 @@ def synthesize(options: SynthesizeOptions, stderr: TextIO = sys.stderr) -> int:
                     rows.append(future.result())
                 except Exception as error:
                     failed += 1
-                    progress.print_error(f"{job.source}: {short_error(error)}", stderr)
+                    progress.print_error(with_file(job.source, one_line(error)), stderr)
                 progress.advance()
     except KeyboardInterrupt:
         interrupted = True
@@ -292,13 +292,6 @@ def synthesize(options: SynthesizeOptions, stderr: TextIO = sys.stderr) -> int:
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILED if failed else EXIT_OK
-
-
-def short_error(error: BaseException) -> str:
-    if isinstance(error, RestoreCliError):
-        return str(error).split(": ", 1)[-1] if str(error) else type(error).__name__
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def write_preview(options: SynthesizeOptions, source: Path, side: int = 192) -> Path:
