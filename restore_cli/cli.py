@@ -36,6 +36,12 @@ class Mode(str, Enum):
     instruction = "instruction"
 
 
+class Granularity(str, Enum):
+    all = "all"
+    type = "type"
+    degree = "degree"
+
+
 class Precision(str, Enum):
     auto = "auto"
     fp32 = "fp32"
@@ -58,6 +64,10 @@ WeightsOption = Annotated[
 ModeOption = Annotated[Mode, typer.Option(help="auto: the model decides; instruction: --task.")]
 TaskOption = Annotated[
     list[str], typer.Option("--task", help="Task(s) for --mode instruction, comma-separated.")
+]
+GranularityOption = Annotated[
+    Granularity | None,
+    typer.Option(help="Mixture-of-experts models: force the experts of one granularity."),
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 PrecisionOption = Annotated[Precision, typer.Option(help="auto = bf16/fp16 on CUDA.")]
@@ -124,6 +134,7 @@ def restore(
     weights: WeightsOption = None,
     mode: ModeOption = Mode.auto,
     task: TaskOption = [],  # noqa: B006 - Typer reads the default, it is never mutated
+    granularity: GranularityOption = None,
     tile: Annotated[str, typer.Option(help="Tile side in pixels, 0 = whole image, or auto.")] = (
         "auto"
     ),
@@ -167,6 +178,7 @@ def restore(
             weights=weights,
             mode=mode.value,
             tasks=split_tasks(task),
+            granularity=granularity.value if granularity else None,
             engine=EngineOptions(
                 device=device,
                 precision=precision.value,
@@ -205,6 +217,53 @@ def load_requested_model(name: str | None, weights: Path | None):
             )
         name = entry.name
     return load_model(name, weights=weights)
+
+
+@app.command()
+def route(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Files, folders, globs, or - to read paths from stdin.", metavar="INPUT..."
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Routes CSV; - writes it to stdout.")
+    ] = Path("routes.csv"),
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="A mixture-of-experts model [default: the default model]."),
+    ] = None,
+    weights: WeightsOption = None,
+    mode: ModeOption = Mode.auto,
+    task: TaskOption = [],  # noqa: B006 - Typer reads the default, it is never mutated
+    granularity: GranularityOption = None,
+    device: DeviceOption = "auto",
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")
+    ] = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Estimate each image's degradations and the experts the model would use, as CSV."""
+    from restore_cli.routing import RouteOptions, run_route
+
+    def feature() -> int:
+        options = RouteOptions(
+            inputs=inputs,
+            csv_path=None if str(output) == "-" else output,
+            mode=mode.value,
+            tasks=split_tasks(task),
+            granularity=granularity.value if granularity else None,
+            device=device,
+            recursive=recursive,
+            quiet=quiet,
+        )
+        loaded = load_requested_model(model, weights)
+        stdin = sys.stdin if "-" in inputs else None
+        return run_route(options, loaded, stdin, sys.stdout, sys.stderr)
+
+    raise typer.Exit(run_guarded(debug, feature))
 
 
 @app.command("models")
@@ -412,6 +471,7 @@ def eval_command(
     ] = None,
     mode: ModeOption = Mode.auto,
     task: TaskOption = [],  # noqa: B006 - Typer reads the default, it is never mutated
+    granularity: GranularityOption = None,
     tile: Annotated[str, typer.Option(help="Tile side for --model, 0 = whole image, or auto.")] = (
         "auto"
     ),
@@ -450,6 +510,7 @@ def eval_command(
             data=data,
             mode=mode.value,
             tasks=split_tasks(task),
+            granularity=granularity.value if granularity else None,
             engine=EngineOptions(device=device, precision=precision.value, tile=parse_tile(tile)),
             overwrite=overwrite,
             batch_size=batch_size,

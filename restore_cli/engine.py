@@ -11,6 +11,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ class RestoreInfo:
     precision: str
     device: str
     notes: list[str] = field(default_factory=list)
+    route: dict[str, Any] | None = None  # a routed model's choices for this image (CSV columns)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,6 +121,7 @@ class Engine:
         self.batch_size = self.options.batch_size or (4 if self.device.type == "cuda" else 1)
         model.module.to(self.device).eval()
         self._mib_per_mp: dict[str, float] = {}
+        self._route: Any = None  # the routing of the image being restored (routed models)
 
     # -- public -------------------------------------------------------------------------------
     def restore(self, rgb: np.ndarray) -> tuple[np.ndarray, RestoreInfo]:
@@ -134,6 +137,11 @@ class Engine:
         image = image.to(self.device, torch.float32)
         tile = self.choose_tile(*image.shape[-2:])
         info = RestoreInfo(tile=tile, precision=self.precision, device=str(self.device))
+        self._route = None
+        if self.model.spec.routed:  # once per image, on the whole image, in fp32
+            with torch.inference_mode():
+                self._route = self.model.route(image)
+            info.route = self._route.rows()[0]
         output, info.tile = self._run_with_oom_fallback(image, tile, self.precision, info)
         if self.precision != "fp32" and not torch.isfinite(output).all():
             message = f"{self.precision} output had NaN/Inf; redone in fp32"
@@ -189,8 +197,9 @@ class Engine:
         spec = self.model.spec
         if spec.input_channels == 1:
             batch = luma(batch)
+        extra = {} if self._route is None else {"route": self._route}
         with torch.inference_mode(), autocast:
-            output = self.model(batch).float()
+            output = self.model(batch, **extra).float()
         if spec.output_channels == 1:
             output = output.expand(-1, 3, -1, -1)
         return output

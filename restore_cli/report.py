@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped"
@@ -30,9 +31,11 @@ class FileRecord:
     seconds: float | str = ""
     status: str = STATUS_OK
     error: str = ""
+    # Model-specific columns after the fixed ones (e.g. a routed model's ``route_*``).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-CSV_COLUMNS = [f.name for f in fields(FileRecord)]
+CSV_COLUMNS = [f.name for f in fields(FileRecord) if f.name != "extra"]
 
 
 class RunLog:
@@ -42,7 +45,12 @@ class RunLog:
     prefix that says exactly which files were done.
     """
 
-    def __init__(self, csv_path: Path | None, json_stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        csv_path: Path | None,
+        json_stream: TextIO | None = None,
+        extra_columns: Sequence[str] = (),
+    ) -> None:
         self.csv_path = csv_path
         self.json_stream = json_stream
         self.counts = {STATUS_OK: 0, STATUS_SKIPPED: 0, STATUS_FAILED: 0}
@@ -52,7 +60,8 @@ class RunLog:
         if csv_path is not None:
             csv_path.parent.mkdir(parents=True, exist_ok=True)
             self._file = csv_path.open("w", newline="", encoding="utf-8")
-            self._writer = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
+            columns = [*CSV_COLUMNS, *extra_columns]
+            self._writer = csv.DictWriter(self._file, fieldnames=columns, restval="")
             self._writer.writeheader()
             self._file.flush()
 
@@ -61,6 +70,7 @@ class RunLog:
         if record.status == STATUS_OK and record.height and record.width:
             self.megapixels += int(record.height) * int(record.width) / 1e6
         row = asdict(record)
+        row |= row.pop("extra")
         if isinstance(row["seconds"], float):
             row["seconds"] = f"{row['seconds']:.3f}"
         if self._writer is not None and self._file is not None:

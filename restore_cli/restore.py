@@ -30,6 +30,7 @@ from restore_cli.io.image import (
 from restore_cli.models.registry import LoadedModel, apply_mode
 from restore_cli.progress import BatchProgress
 from restore_cli.report import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, FileRecord, RunLog
+from restore_cli.routing import ROUTE_COLUMNS
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -47,6 +48,7 @@ class RestoreOptions:
     weights: Path | None = None
     mode: str = "auto"
     tasks: list[str] = field(default_factory=list)
+    granularity: str | None = None  # routed models: force all / type / degree experts
     engine: EngineOptions = field(default_factory=EngineOptions)
     recursive: bool = False
     ext: str = "same"
@@ -94,11 +96,12 @@ class RestoreRun:
         self.options = options
         self.streams = streams or Streams()
         self.model = model
-        apply_mode(model, options.mode, options.tasks)
+        apply_mode(model, options.mode, options.tasks, options.granularity)
         self.engine = Engine(model, options.engine)
         csv_path = options.csv_path or options.output_dir / RUN_CSV_NAME
         json_stream = self.streams.stdout if options.json else None
-        self.log = RunLog(csv_path, json_stream)
+        extra = [f"route_{c}" for c in ROUTE_COLUMNS] if model.spec.routed else []
+        self.log = RunLog(csv_path, json_stream, extra)
         self.print_paths = not options.json and not self.streams.stdout.isatty()
         self._writes: deque[tuple[FileRecord, Future[float] | None]] = deque()
         self.progress = BatchProgress(0, enabled=False)  # replaced by run()
@@ -218,6 +221,7 @@ class RestoreRun:
             seconds=seconds,
             status=STATUS_OK,
             error="; ".join(info.notes),
+            extra={f"route_{k}": v for k, v in (info.route or {}).items()},
         )
         self.queue_result(record, writers.submit(self.write, job, restored, decoded))
 

@@ -42,6 +42,10 @@ class ModelSpec:
     # spandrel reports both for some community architectures (e.g. SCUNet: 40, Uformer: square).
     min_size: int = 0
     square: bool = False
+    # True for networks that pick their experts per image (UniRestorer): the engine calls
+    # ``module.route(image, **conditions)`` once on the whole image and passes ``route=`` to the
+    # forward of every tile, so all tiles of one image use the same experts.
+    routed: bool = False
 
 
 @dataclass
@@ -55,8 +59,14 @@ class LoadedModel:
     licence: str = ""
     conditions: dict[str, Any] = field(default_factory=dict)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x, **self.conditions)
+    def __call__(self, x: torch.Tensor, **extra: Any) -> torch.Tensor:
+        return self.module(x, **self.conditions, **extra)
+
+    def route(self, image: torch.Tensor) -> Any:
+        """The per-image routing of a ``routed`` model (None for every other model)."""
+        if not self.spec.routed:
+            return None
+        return self.module.route(image, **self.conditions)
 
 
 @dataclass(frozen=True)
@@ -111,18 +121,26 @@ def architecture_names() -> list[str]:
 
 def _import_builtin_architectures() -> None:
     # Importing a module registers its architecture; kept lazy so `--help` stays fast.
-    from restore_cli.models import nafnet, promptir, restormer  # noqa: F401
+    from restore_cli.models import nafnet, promptir, restormer, unirestorer  # noqa: F401
 
 
 MODES = ("auto", "instruction")
 
 
-def apply_mode(model: LoadedModel, mode: str, tasks: list[str]) -> None:
-    """Check ``--mode``/``--task`` against what the model accepts and set its conditions.
+def apply_mode(
+    model: LoadedModel, mode: str, tasks: list[str], granularity: str | None = None
+) -> None:
+    """Check ``--mode``/``--task``/``--granularity`` against what the model accepts and set its
+    conditions.
 
     Models that take no tasks run the same in both modes, so instruction mode on them is refused
-    rather than silently ignored.
+    rather than silently ignored; the same goes for a granularity on a model without experts.
     """
+    model.conditions.pop("granularity", None)
+    if granularity is not None:
+        if not model.spec.routed:
+            raise ModelError(f"model {model.name} has no experts; --granularity needs a routed one")
+        model.conditions["granularity"] = granularity
     if mode not in MODES:
         raise ModelError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     if mode == "auto":

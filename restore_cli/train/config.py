@@ -42,11 +42,26 @@ _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 @dataclass(frozen=True)
+class InitWeights:
+    """Weights to start from: ``path`` (safetensors), its keys prefixed with ``prefix``."""
+
+    path: str
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
 class ModelSection:
-    """The network: a registered architecture and its constructor config (official kwargs)."""
+    """The network: a registered architecture and its constructor config (official kwargs).
+
+    ``init`` starts a new run from other weights (an earlier training stage, or a dense model's
+    weights inside a larger one); ``stage`` names the part a staged model trains (UniRestorer:
+    encoder, experts, router); the model then computes its own losses.
+    """
 
     arch: str
     config: dict[str, Any]
+    init: tuple[InitWeights, ...] = ()
+    stage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -419,7 +434,7 @@ def parse_config(raw: Any) -> TrainConfig:
 def _parse_model(top: _Fields) -> ModelSection:
     if not top.has("model"):
         raise ConfigError("missing config key 'model' (arch and config of the network)")
-    fields = top.section("model", ["arch", "config"])
+    fields = top.section("model", ["arch", "config", "init", "stage"])
     arch = fields.text("arch", None)
     if arch is None:
         raise ConfigError("missing config key 'model.arch' (e.g. nafnet)")
@@ -438,7 +453,24 @@ def _parse_model(top: _Fields) -> ModelSection:
         raise fields.fail(name, str(error)) from None
     except (TypeError, ValueError) as error:
         raise fields.fail("config", str(error)) from None
-    return ModelSection(arch, config)
+    return ModelSection(arch, config, _parse_init(fields), fields.text("stage", None))
+
+
+def _parse_init(fields: _Fields) -> tuple[InitWeights, ...]:
+    """``init: PATH``, or a list of PATH / {path, prefix} entries."""
+    raw = fields.value("init", None)
+    if raw is None:
+        return ()
+    entries = raw if isinstance(raw, list) else [raw]
+    parsed = []
+    for entry in entries:
+        if isinstance(entry, str):
+            parsed.append(InitWeights(entry))
+        elif isinstance(entry, Mapping) and set(entry) <= {"path", "prefix"} and "path" in entry:
+            parsed.append(InitWeights(str(entry["path"]), str(entry.get("prefix", ""))))
+        else:
+            raise fields.fail("init", f"expected a path or {{path, prefix}}, got {_show(entry)}")
+    return tuple(parsed)
 
 
 def _parse_data(top: _Fields) -> DataSection:

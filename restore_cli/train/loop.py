@@ -45,7 +45,7 @@ from restore_cli.train.checkpoint import (
     weights_bytes,
     weights_metadata,
 )
-from restore_cli.train.config import TrainConfig, dump_config, load_config
+from restore_cli.train.config import InitWeights, TrainConfig, dump_config, load_config
 from restore_cli.train.data import (
     StepBatchSampler,
     ValImage,
@@ -154,6 +154,31 @@ def build_model(config: TrainConfig) -> nn.Module:
         return arch.build(dict(config.model.config))
     except (TypeError, ValueError) as error:
         raise ConfigError(f"config key 'model.config': {error}") from None
+
+
+def load_init_weights(module: nn.Module, init: InitWeights) -> str:
+    """Copy ``init.path``'s tensors into ``module`` under ``init.prefix``; returns a log line.
+
+    Every tensor of the file must land on a parameter or buffer of the same shape (a typo'd
+    prefix or another architecture fails loudly); the module may have more (new layers keep
+    their fresh initialisation), which is the point of starting a larger model from a smaller.
+    """
+    from restore_cli.models.loading import read_state_dict
+
+    path = Path(init.path).expanduser()
+    weights = read_state_dict(path)
+    own = module.state_dict()
+    renamed = {init.prefix + key: value for key, value in weights.items()}
+    unknown = [key for key in renamed if key not in own]
+    wrong = [key for key in renamed if key in own and own[key].shape != renamed[key].shape]
+    if unknown or wrong:
+        first = (unknown or wrong)[0]
+        raise ConfigError(
+            f"config key 'model.init': {path}: {len(unknown)} tensors with no place in the model "
+            f"and {len(wrong)} of another shape (first: {first})"
+        )
+    module.load_state_dict(renamed, strict=False)
+    return f"initialised {len(renamed)} of {len(own)} tensors from {path}"
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -376,6 +401,7 @@ class Trainer:
         self.last_saved = -1
         self.config_changes: list[str] = []
         self.input_scores: dict[str, float] | None = None  # of the degraded val inputs
+        self.init_notes: list[str] = []
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -387,20 +413,35 @@ class Trainer:
         checkpoint = self.find_checkpoint()
         torch.manual_seed(config.seed)  # same initial weights on every rank (DDP checks)
         module = build_model(config).to(self.device)
+        if checkpoint is None:
+            for init in config.model.init:
+                self.init_notes.append(load_init_weights(module, init))
+        if config.model.stage is not None:
+            set_stage = getattr(module, "set_stage", None)
+            if set_stage is None:
+                raise ConfigError(
+                    f"config key 'model.stage': {config.model.arch} is not trained in stages"
+                )
+            set_stage(config.model.stage)
         if config.channels_last:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
+        self.dataset = build_train_dataset(config, distributed.world)
+        prepare = getattr(module, "prepare_training", None)
+        if checkpoint is None and prepare is not None:  # e.g. UniRestorer fits its clusters
+            prepare(self.dataset, config.seed)
         self.ema = ModelEma(module, config.ema) if config.ema is not None else None
         self.optimizer = build_optimizer(module, config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.loss = WeightedLoss(config.losses)
+        stage = config.model.stage
+        self.loss_names = module.loss_names(stage) if stage is not None else self.loss.names
         rng_states = self.load_checkpoint(checkpoint) if checkpoint is not None else None
         self.model: nn.Module = module
         if distributed.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-        self.dataset = build_train_dataset(config, distributed.world)
         loader = build_train_loader(
             self.dataset,
             config,
@@ -489,7 +530,7 @@ class Trainer:
         val = self.config.val
         self.convention = Convention(val.color, val.crop_border)
         self.val_columns = [self.convention.column(metric) for metric in val.metrics]
-        columns = ["step", "epoch", "loss", *self.loss.names, "lr", "seconds"]
+        columns = ["step", "epoch", "loss", *self.loss_names, "lr", "seconds"]
         columns += [f"val_{column}" for column in self.val_columns]
         self.csv = CsvLog(self.run_dir / LOG_NAME, columns, self.step)
         if self.val_set:
@@ -508,6 +549,8 @@ class Trainer:
             f"{self.device}{world}, {config.precision}, batch {config.batch}, crop {config.crop}; "
             f"{len(self.dataset)} items per epoch; run folder {self.run_dir}"
         )
+        for note in self.init_notes:
+            say(note)
         if checkpoint is not None:
             say(f"resuming from {checkpoint.state.name} (step {checkpoint.step})")
             if self.config_changes:
@@ -524,7 +567,7 @@ class Trainer:
         stop = StopRequest()
         stop.install()
         window_loss = torch.zeros((), device=self.device)
-        window_parts = {name: torch.zeros((), device=self.device) for name in self.loss.names}
+        window_parts = {name: torch.zeros((), device=self.device) for name in self.loss_names}
         window_steps = 0
         lr = self.optimizer.param_groups[0]["lr"]
         status: str | None = None
@@ -573,9 +616,14 @@ class Trainer:
         gt = batch["gt"].to(self.device, non_blocking=True)
         if self.config.channels_last:
             lq = lq.contiguous(memory_format=torch.channels_last)
+        stage = self.config.model.stage
         with self.autocast():
-            pred = self.model(lq)
-        loss, parts = self.loss(pred, gt)
+            if stage is not None:  # a staged model computes its own losses
+                loss, parts = self.model(lq, stage=stage, batch=batch)
+            else:
+                pred = self.model(lq)
+        if stage is None:
+            loss, parts = self.loss(pred, gt)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.grad_clip is not None:
@@ -619,7 +667,7 @@ class Trainer:
             return
         epoch = self.sampler.position(self.step - 1)[0]
         row: dict[str, Any] = {"step": self.step, "epoch": epoch, "loss": losses[0]}
-        row |= dict(zip(self.loss.names, losses[1:], strict=True))
+        row |= dict(zip(self.loss_names, losses[1:], strict=True))
         row |= {"lr": lr, "seconds": round(self.seconds(), 2)}
         row |= {f"val_{column}": value for column, value in metrics.items()}
         assert self.csv is not None

@@ -1,0 +1,136 @@
+"""A compact degradation encoder: image → degradation embedding, type probabilities, degree.
+
+UniRestorer routes on DA-CLIP's degradation features; DA-CLIP's CLIP weights cannot be
+downloaded where restore-cli is built, so the shipped UniRestorer uses this small CNN instead,
+trained here on the degradation library (UniRestorer's "fine-grained DR extractor": types and
+degrees). It looks at full-resolution crops, never at a resized image, because resizing (as in
+CLIP's preprocessing) averages away exactly the noise and JPEG blocks it must see; the paper
+makes the same observation and centre-crops at inference.
+
+Training signal (``training_losses``): multi-label type classification (mixtures have several
+types), degree regression per present type (light/medium/heavy → 1/3, 2/3, 1), and a supervised
+contrastive term that pulls together crops with the same set of types, so the embedding space
+clusters by degradation and not by image content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEGREE_OF_LEVEL = {"light": 1 / 3, "medium": 2 / 3, "heavy": 1.0}
+
+
+class ConvStage(nn.Module):
+    """Stride-2 conv then a residual 3x3 conv: halves the size, keeps fine statistics early."""
+
+    def __init__(self, channels_in: int, channels_out: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(channels_in, channels_out, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels_out, channels_out, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.down(x))
+        return x + F.gelu(self.conv(x))
+
+
+class DegradationEncoder(nn.Module):
+    """[B,3,h,w] crops in [0,1] → (embedding [B,D] unit length, type logits [B,T], degree [B,T]).
+
+    The pooled features are the mean *and* standard deviation of every channel: noise, grain and
+    blockiness are second-order statistics that a mean alone would hide. The input's own
+    per-channel mean and spread join them (haze and low light are global properties).
+    """
+
+    def __init__(
+        self,
+        num_types: int,
+        *,
+        width: int = 24,
+        embed_dim: int = 64,
+        crop: int = 128,
+        stages: Sequence[int] = (1, 2, 3, 4),
+    ) -> None:
+        super().__init__()
+        self.crop = crop
+        self.embed_dim = embed_dim
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        channels = [width * factor for factor in stages]
+        self.stages = nn.Sequential(
+            *(ConvStage(a, b) for a, b in zip([width, *channels[:-1]], channels, strict=True))
+        )
+        pooled = 2 * (width + sum(channels)) + 6
+        self.project = nn.Sequential(
+            nn.Linear(pooled, 4 * embed_dim), nn.GELU(), nn.Linear(4 * embed_dim, embed_dim)
+        )
+        self.type_head = nn.Linear(embed_dim, num_types)
+        self.degree_head = nn.Linear(embed_dim, num_types)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Un-normalised embedding of each crop (mean-able across crops of one image)."""
+        stats = [x.mean(dim=(2, 3)), x.std(dim=(2, 3))]
+        feature = F.gelu(self.stem(x * 2 - 1))
+        for stage in (None, *self.stages):
+            if stage is not None:
+                feature = stage(feature)
+            stats += [feature.mean(dim=(2, 3)), feature.std(dim=(2, 3))]
+        return self.project(torch.cat(stats, dim=1))
+
+    def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        embedding = F.normalize(features, dim=1)
+        return embedding, self.type_head(features), torch.sigmoid(self.degree_head(features))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.heads(self.features(x))
+
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Whole images [B,3,H,W] → heads, from the mean features of five fixed crops.
+
+        The centre crop and four crops around it at native resolution (the paper's "main body"
+        centre crop, made less dependent on what happens to sit in the middle); images smaller
+        than a crop are reflect-padded (replicate where reflection cannot reach).
+        """
+        crops = [fixed_crop(image, self.crop, fy, fx) for fy, fx in CROP_POSITIONS]
+        batch = image.shape[0]
+        features = self.features(torch.cat(crops, dim=0).float())
+        return self.heads(features.view(len(crops), batch, -1).mean(dim=0))
+
+
+# Crop centres as fractions of the image: middle, then the four quarter points.
+CROP_POSITIONS = ((0.5, 0.5), (0.3, 0.3), (0.3, 0.7), (0.7, 0.3), (0.7, 0.7))
+
+
+def fixed_crop(image: torch.Tensor, size: int, fy: float, fx: float) -> torch.Tensor:
+    """A ``size`` square centred at (fy·H, fx·W), clamped inside; padded if the image is small."""
+    height, width = image.shape[-2:]
+    if height < size or width < size:
+        pad_h, pad_w = max(size - height, 0), max(size - width, 0)
+        border = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+        image = F.pad(image.float(), border, mode=mode)
+        height, width = image.shape[-2:]
+    top = min(max(round(fy * height) - size // 2, 0), height - size)
+    left = min(max(round(fx * width) - size // 2, 0), width - size)
+    return image[..., top : top + size, left : left + size]
+
+
+def supervised_contrastive(
+    embedding: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
+    """SupCon loss (Khosla et al. 2020) over unit embeddings; samples with no positive skipped."""
+    similarity = embedding @ embedding.T / temperature
+    count = embedding.shape[0]
+    eye = torch.eye(count, dtype=torch.bool, device=embedding.device)
+    similarity = similarity.masked_fill(eye, float("-inf"))
+    log_prob = similarity - torch.logsumexp(similarity, dim=1, keepdim=True)
+    positive = (labels[:, None] == labels[None, :]) & ~eye
+    has_positive = positive.any(dim=1)
+    if not has_positive.any():
+        return embedding.sum() * 0
+    mean_log_prob = (log_prob.masked_fill(~positive, 0).sum(1) / positive.sum(1).clamp(min=1))[
+        has_positive
+    ]
+    return -mean_log_prob.mean()

@@ -1,0 +1,373 @@
+"""Our compact UniRestorer: experts, routers, clusters, modes, staged training, restore/route."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from restore_cli.cli import app
+from restore_cli.errors import ModelError
+from restore_cli.models.loading import load_model, read_state_dict
+from restore_cli.models.registry import apply_mode, get_architecture
+from restore_cli.models.unirestorer import (
+    ExpertConv1x1,
+    UniRestorer,
+    detect_unirestorer,
+    kmeans,
+)
+from restore_cli.routing import GRANULARITIES
+from restore_cli.train.checkpoint import weights_bytes, weights_metadata
+from restore_cli.train.loop import TrainOptions, train
+
+TINY = {
+    "width": 8,
+    "enc_blk_nums": [1, 1],
+    "middle_blk_num": 1,
+    "dec_blk_nums": [1, 1],
+    "rank": 2,
+    "leaves": 6,
+    "types": 3,
+    "embed_dim": 16,
+    "encoder_width": 8,
+    "encoder_crop": 32,
+    "cluster_samples": 48,
+}
+FAMILIES = ("noise", "blur", "jpeg", "lowlight", "haze", "rain", "snow")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def fitted_model(seed: int = 0) -> UniRestorer:
+    """A tiny model whose clusters come from six well separated embedding blobs, one per
+    (family, degree) combination, so every leaf has a known, pure task."""
+    torch.manual_seed(seed)
+    model = UniRestorer(**TINY)
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(6, 16, generator=generator), dim=1)
+    embeddings = torch.cat([c + 0.01 * torch.randn(20, 16, generator=generator) for c in centres])
+    families = torch.zeros(120, len(FAMILIES))
+    for blob, family in enumerate([0, 0, 5, 5, 3, 6]):  # noise, noise, rain, rain, lowlight, snow
+        families[blob * 20 : (blob + 1) * 20, family] = 1
+    model.fit_clusters(embeddings, families, seed=3)
+    # Random routers give near-uniform probabilities; sharpen them so choices are meaningful.
+    with torch.no_grad():
+        model.leaf_gate.weight.mul_(20)
+        model.layer_gate.weight.mul_(20)
+    return model.eval()
+
+
+def image(seed: int, size=(40, 56)) -> torch.Tensor:
+    return torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+def test_expert_conv_mixes_per_sample_exactly_like_separate_runs():
+    torch.manual_seed(0)
+    conv = ExpertConv1x1(6, 4, experts=5, rank=2)
+    torch.nn.init.normal_(conv.lora_b)
+    x = torch.randn(3, 6, 7, 9)
+    gates = torch.tensor([[1.0, 0, 0, 0, 0], [0, 0.3, 0.7, 0, 0], [0, 0, 0, 0, 1.0]])
+    together = conv(x, gates)
+    for b in range(3):
+        alone = conv(x[b : b + 1], gates[b : b + 1])  # the single-mix conv2d path
+        torch.testing.assert_close(together[b : b + 1], alone, atol=1e-5, rtol=1e-5)
+    # Mixing weights == mixing outputs (the layer is linear): the MoE definition.
+    first = conv(x[1:2], torch.tensor([[0, 1.0, 0, 0, 0]]))
+    second = conv(x[1:2], torch.tensor([[0, 0, 1.0, 0, 0]]))
+    torch.testing.assert_close(together[1:2], 0.3 * first + 0.7 * second, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_initialised_deltas_make_every_expert_the_dense_backbone():
+    torch.manual_seed(0)
+    model = UniRestorer(**TINY).eval()
+    x = image(1, (32, 32))
+    outputs = [
+        model.restorer(x, torch.nn.functional.one_hot(torch.tensor([e]), model.num_experts).float())
+        for e in (0, 3, model.num_experts - 1)
+    ]
+    for output in outputs[1:]:
+        torch.testing.assert_close(output, outputs[0])
+
+
+# ----------------------------------------------------------------------------- clustering
+
+
+def test_kmeans_recovers_separated_blobs_and_is_reproducible():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0]])
+    points = torch.cat([c + 0.1 * torch.randn(30, 2, generator=generator) for c in centres])
+    found, assignment = kmeans(points, 3, seed=7)
+    again, assignment_again = kmeans(points, 3, seed=7)
+    assert torch.equal(found, again) and torch.equal(assignment, assignment_again)
+    for blob in range(3):  # each blob is exactly one cluster
+        assert len(set(assignment[blob * 30 : (blob + 1) * 30].tolist())) == 1
+    assert len(set(assignment.tolist())) == 3
+
+
+def test_clusters_are_a_hierarchy_with_task_labels():
+    model = fitted_model()
+    again = fitted_model()
+    for name in ("leaf_centres", "leaf_parent", "leaf_families", "type_families"):
+        assert torch.equal(getattr(model, name), getattr(again, name)), name
+    assert int(model.clusters_fitted) == 1
+    assert set(model.leaf_parent.tolist()) <= set(range(TINY["types"]))
+    # every leaf holds one blob, so its family share is exactly one-hot
+    assert torch.equal(model.leaf_families.sum(1), torch.ones(TINY["leaves"]))
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def test_router_probabilities_and_expert_weights_sum_to_one():
+    model = fitted_model()
+    with torch.no_grad():
+        route = model.route(torch.cat([image(s) for s in range(4)]))
+    for probabilities in (route.leaf_probs, route.granularity_probs, route.expert_weights):
+        torch.testing.assert_close(probabilities.sum(1), torch.ones(4))
+    assert (route.expert_weights >= 0).all()
+    assert route.expert_weights.count_nonzero(dim=1).tolist() == [1, 1, 1, 1]  # top-1
+
+
+def test_topk_mixes_several_experts_with_normalised_weights():
+    model = fitted_model()
+    model.topk = 3
+    with torch.no_grad():
+        route = model.route(image(2))
+    weights = route.expert_weights[0]
+    assert 2 <= int(weights.count_nonzero()) <= 3
+    torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_granularity_override_selects_that_level(granularity):
+    model = fitted_model()
+    with torch.no_grad():
+        route = model.route(torch.cat([image(s) for s in range(3)]), granularity=granularity)
+    experts = route.expert_weights.argmax(1)
+    leaves, types = TINY["leaves"], TINY["types"]
+    level = {
+        "all": range(0, 1),
+        "type": range(1, 1 + types),
+        "degree": range(1 + types, 1 + types + leaves),
+    }
+    assert all(int(e) in level[granularity] for e in experts)
+    assert route.rows()[0]["granularity"] == granularity
+
+
+def test_instruction_mode_masks_leaves_of_other_tasks():
+    model = fitted_model()
+    rain_leaves = set(torch.nonzero(model.leaf_families[:, 5] > 0.5).flatten().tolist())
+    assert rain_leaves
+    with torch.no_grad():
+        route = model.route(torch.cat([image(s) for s in range(6)]), tasks=["derain"])
+    assert set(route.leaf.tolist()) <= rain_leaves
+    outside = [leaf for leaf in range(TINY["leaves"]) if leaf not in rain_leaves]
+    assert torch.all(route.leaf_probs[:, outside] == 0)
+    with pytest.raises(ModelError, match="no expert"):
+        model.route(image(0), tasks=["dehaze"])  # no haze leaf in this model
+
+
+def test_apply_mode_lists_valid_tasks_for_unknown_names():
+    spec = get_architecture("unirestorer").spec({})
+    assert spec.routed and spec.instructable
+    loaded = load_model_from(fitted_model())
+    with pytest.raises(ModelError) as caught:
+        apply_mode(loaded, "instruction", ["derian"])
+    assert "derian" in str(caught.value) and "derain" in str(caught.value)
+    apply_mode(loaded, "instruction", ["derain"], "type")
+    assert loaded.conditions == {"tasks": ("derain",), "granularity": "type"}
+
+
+def load_model_from(model: UniRestorer):
+    from restore_cli.models.registry import LoadedModel
+
+    spec = get_architecture("unirestorer").spec(TINY)
+    return LoadedModel(name="tiny-unirestorer", module=model, spec=spec)
+
+
+# ----------------------------------------------------------------------------- files and CLI
+
+
+def save_tiny(path: Path, model: UniRestorer) -> Path:
+    metadata = weights_metadata("unirestorer", TINY, 0, ema=False, train_config={})
+    path.write_bytes(weights_bytes(model.state_dict(), metadata))
+    return path
+
+
+def test_config_detected_from_the_state_dict(tmp_path):
+    path = save_tiny(tmp_path / "tiny.safetensors", fitted_model())
+    config = detect_unirestorer(read_state_dict(path))
+    assert config is not None
+    rebuilt = UniRestorer(**config)
+    rebuilt.load_state_dict(read_state_dict(path), strict=True)
+    loaded = load_model(str(path))
+    assert loaded.spec.arch == "unirestorer" and loaded.spec.routed
+
+
+def write_photos(folder: Path, count: int = 3) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels = rng.integers(0, 256, (48 + 8 * index, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{index}.png")
+    return folder
+
+
+def test_restore_writes_route_columns_and_tiles_share_one_route(tmp_path, monkeypatch):
+    weights = save_tiny(tmp_path / "tiny.safetensors", fitted_model())
+    photos = write_photos(tmp_path / "in")
+    calls = []
+    original = UniRestorer.route
+
+    def counting_route(self, image, **kwargs):
+        calls.append(tuple(image.shape))
+        return original(self, image, **kwargs)
+
+    monkeypatch.setattr(UniRestorer, "route", counting_route)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        ["restore", str(photos), "-o", str(out), "--model", str(weights), "--tile", "32",
+         "--device", "cpu", "-q"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.png")) == ["img0.png", "img1.png", "img2.png"]
+    # one routing per image, on the whole image (not per 32 px tile)
+    assert [shape[-2:] for shape in calls] == [(48, 64), (56, 64), (64, 64)]
+    with (out / "restore_run.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert all(row["route_granularity"] in GRANULARITIES for row in rows)
+    assert all(row["route_experts"] for row in rows)
+
+
+def test_route_command_streams_one_row_per_input_and_reports_bad_files(tmp_path):
+    weights = save_tiny(tmp_path / "tiny.safetensors", fitted_model())
+    photos = write_photos(tmp_path / "in")
+    (photos / "broken.png").write_bytes(b"not a png")
+    routes = tmp_path / "routes.csv"
+    result = CliRunner().invoke(
+        app,
+        ["route", str(photos), "-o", str(routes), "--model", str(weights), "--device", "cpu",
+         "--mode", "instruction", "--task", "derain,denoise", "-q"],
+    )  # fmt: skip
+    assert result.exit_code == 1  # one input failed
+    with routes.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [Path(r["input"]).name for r in rows] == [
+        "broken.png",
+        "img0.png",
+        "img1.png",
+        "img2.png",
+    ]
+    assert rows[0]["status"] == "failed" and "broken.png" in rows[0]["error"]
+    for row in rows[1:]:
+        assert row["status"] == "ok"
+        probabilities = json.loads(row["type_probs"])
+        assert set(probabilities) == set(FAMILIES)
+        assert 0 <= float(row["confidence"]) <= 1
+    unknown = CliRunner().invoke(
+        app,
+        ["route", str(photos / "img0.png"), "-o", str(routes), "--model", str(weights),
+         "--mode", "instruction", "--task", "dehazee"],
+    )  # fmt: skip
+    assert unknown.exit_code == 2
+    assert "dehazee" in unknown.output and "derain" in unknown.output
+
+
+def test_route_refuses_a_model_without_experts(tmp_path):
+    from restore_cli.models.nafnet import build_nafnet
+
+    config = {"width": 8, "enc_blk_nums": [1], "middle_blk_num": 1, "dec_blk_nums": [1]}
+    dense = build_nafnet(config)
+    metadata = weights_metadata("nafnet", config, 0, ema=False, train_config={})
+    path = tmp_path / "dense.safetensors"
+    path.write_bytes(weights_bytes(dense.state_dict(), metadata))
+    photos = write_photos(tmp_path / "in", 1)
+    result = CliRunner().invoke(app, ["route", str(photos), "--model", str(path), "-o", "-"])
+    assert result.exit_code == 2 and "does not route" in result.output
+
+
+# ----------------------------------------------------------------------------- training stages
+
+
+def test_three_training_stages_chain_through_init(tmp_path):
+    from tests.test_train import natural_image
+
+    photos = tmp_path / "photos"
+    for split, seeds in (("train", [0, 1, 2]), ("val", [7])):
+        (photos / split).mkdir(parents=True)
+        for seed in seeds:
+            Image.fromarray(natural_image(seed)).save(photos / split / f"p{seed}.png")
+    base = {
+        "model": {"arch": "unirestorer", "config": TINY},
+        "data": {
+            "clean": [str(photos / "train")],
+            "degradations": {"types": list(FAMILIES), "gated": True, "probability": 0.2},
+            "val_clean": [str(photos / "val")],
+            "val_count": 2,
+            "val_crop": 32,
+        },
+        "crop": 32,
+        "batch": 4,
+        "workers": 0,
+        "device": "cpu",
+        "iterations": 2,
+        "scheduler": {"type": "constant", "warmup": 0},
+        "val_every": 2,
+        "checkpoint_every": 2,
+        "log": {"every": 1},
+    }
+    previous = None
+    for stage in ("encoder", "experts", "router"):
+        raw = json.loads(json.dumps(base))
+        raw["model"]["stage"] = stage
+        if previous is not None:
+            raw["model"]["init"] = [str(previous)]
+        if stage == "encoder":
+            raw["val_every"] = 0
+        config = tmp_path / f"{stage}.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        run = tmp_path / stage
+        assert train(TrainOptions(config=config, run_dir=run, quiet=True)) == 0
+        previous = run / "final.safetensors"
+        with (run / "log.csv").open() as handle:
+            columns = next(csv.reader(handle))
+        expected = UniRestorer(**TINY).loss_names(stage)
+        assert set(expected) <= set(columns)
+    final = read_state_dict(previous)
+    assert int(final["clusters_fitted"]) == 1
+    encoder_weights = read_state_dict(tmp_path / "encoder" / "final.safetensors")
+    # later stages leave the encoder alone
+    torch.testing.assert_close(final["encoder.stem.weight"], encoder_weights["encoder.stem.weight"])
+    loaded = load_model(str(previous))
+    with torch.no_grad():
+        output = loaded(image(0, (32, 32)))
+    assert output.shape == (1, 3, 32, 32) and torch.isfinite(output).all()
+
+
+def test_unknown_stage_and_stage_on_a_dense_model_are_config_errors(tmp_path):
+    from restore_cli.errors import ConfigError
+    from restore_cli.train.config import parse_config
+
+    raw = {"model": {"arch": "nafnet", "config": {"width": 8}, "init": [{"pathh": "x"}]},
+           "data": {"clean": ["/nonexistent"]}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"model\.init"):
+        parse_config(raw)
+    with pytest.raises(ModelError, match="unknown UniRestorer stage"):
+        UniRestorer(**TINY).set_stage("decoder")
