@@ -121,7 +121,13 @@ def architecture_names() -> list[str]:
 
 def _import_builtin_architectures() -> None:
     # Importing a module registers its architecture; kept lazy so `--help` stays fast.
-    from restore_cli.models import nafnet, promptir, restormer, unirestorer  # noqa: F401
+    from restore_cli.models import (  # noqa: F401
+        nafnet,
+        promptir,
+        restormer,
+        unirestorer,
+        unirestorer_release,
+    )
 
 
 MODES = ("auto", "instruction")

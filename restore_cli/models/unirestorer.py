@@ -50,7 +50,7 @@ from restore_cli.routing import GRANULARITIES, Route
 
 STAGES = ("encoder", "experts", "router")
 DEFAULT_FAMILIES = ("noise", "blur", "jpeg", "lowlight", "haze", "rain", "snow")
-LICENCE = "Apache-2.0 (restore-cli; trained here). Paper: arXiv 2412.20157"
+LICENCE = "MIT (restore-cli; architecture written and weights trained here)"
 SOURCE = "https://github.com/mrluin/UniRestorer (paper); architecture and weights: restore-cli"
 
 DEFAULTS: dict[str, Any] = {
@@ -454,6 +454,17 @@ class UniRestorer(nn.Module):
         self.requires_grad_(False)
         for module in trained:
             module.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> UniRestorer:
+        """Frozen parts stay in eval mode: the encoder's BatchNorm statistics must not drift
+        (nor depend on the batch) while the experts and routers learn on its embeddings."""
+        super().train(mode)
+        if self.stage in ("experts", "router"):
+            self.encoder.eval()
+        if self.stage == "router":
+            self.restorer.eval()
+        return self
 
     def loss_names(self, stage: str) -> list[str]:
         return {
