@@ -1,0 +1,200 @@
+"""UniRestorer validation: quality per mode and granularity, routing accuracy, confusion matrix.
+
+    python benchmarks/unirestorer.py --photos /tmp/photos/val --out /tmp/unirestorer-bench \
+        --model unirestorer --baseline nafnet-allinone-s
+
+Builds (once) sets from the fetch-photos *val* photos at fixed seeds: every single type
+(noise, blur, jpeg, lowlight, haze, rain, snow) at each level (light, medium, heavy), and three
+medium-level mixtures (haze+noise, haze+noise+rain, lowlight+haze+noise+rain, as in the paper's
+mixed table), ``--per-image`` 256 px crops per photo each. Then scores, per set, the degraded
+input, the baseline, and UniRestorer in auto mode, instruction mode (the set's own tasks) and at
+each fixed granularity (PSNR/SSIM on RGB, uint8, no crop border: docs/metrics.md). Routing: type
+accuracy (argmax of the type probabilities vs the single applied family), mean absolute degree
+error (degree head vs light/medium/heavy = 1/3, 2/3, 1), and a confusion-matrix PNG.
+Writes ``OUT/results.json``, ``OUT/confusion.png`` and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from restore_cli.engine import Engine, EngineOptions
+from restore_cli.io.image import read_image
+from restore_cli.metrics import Convention, psnr, ssim
+from restore_cli.models.degradation_encoder import DEGREE_OF_LEVEL
+from restore_cli.models.loading import load_model
+from restore_cli.models.registry import apply_mode
+from restore_cli.synthesize import SynthesizeOptions, make_spec, synthesize
+
+TYPES = ["noise", "blur", "jpeg", "lowlight", "haze", "rain", "snow"]
+LEVELS = ["light", "medium", "heavy"]
+MIXTURES = [["haze", "noise"], ["haze", "noise", "rain"], ["lowlight", "haze", "noise", "rain"]]
+TASK = {
+    "noise": "denoise",
+    "blur": "deblur",
+    "jpeg": "dejpeg",
+    "lowlight": "lowlight",
+    "haze": "dehaze",
+    "rain": "derain",
+    "snow": "desnow",
+}
+CONVENTION = Convention("rgb", 0)
+
+
+def build_sets(photos: Path, out: Path, per_image: int) -> dict[str, tuple[Path, list[str], str]]:
+    """name → (folder, families, level); skipped when already complete (synthesize resumes)."""
+    sets: dict[str, tuple[Path, list[str], str]] = {}
+    seed = 300
+    for family in TYPES:
+        for level in LEVELS:
+            sets[f"{family}-{level}"] = (out / f"{family}-{level}", [family], level)
+    for mixture in MIXTURES:
+        sets["+".join(mixture)] = (out / "+".join(mixture), mixture, "medium")
+    for folder, families, level in sets.values():
+        seed += 1
+        mixed = (len(families), len(families)) if len(families) > 1 else None
+        synthesize(
+            SynthesizeOptions(
+                inputs=[str(photos)],
+                output_dir=folder,
+                spec=make_spec(families, [level], mixed=mixed),
+                per_image=per_image,
+                crop=256,
+                seed=seed,
+                quiet=True,
+            )
+        )
+    return sets
+
+
+def load_pairs(folder: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    with (folder / "metadata.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    tensor = lambda path: torch.from_numpy(read_image(path).rgb).permute(2, 0, 1)[None]  # noqa: E731
+    return [(tensor(folder / row["lq"]), tensor(folder / row["gt"])) for row in rows]
+
+
+def scores(pred: torch.Tensor, gt: torch.Tensor) -> tuple[float, float]:
+    return float(psnr(pred, gt, CONVENTION)[0]), float(ssim(pred, gt, CONVENTION)[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--photos", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="unirestorer")
+    parser.add_argument("--baseline", default="nafnet-allinone-s")
+    parser.add_argument("--per-image", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    sets = build_sets(args.photos, args.out / "sets", args.per_image)
+
+    routed = load_model(args.model)
+    baseline = Engine(load_model(args.baseline), EngineOptions(device="cpu"))
+    variants = ["input", "baseline", "auto", "instruction", "all", "type", "degree"]
+    results: dict[str, dict[str, list[float]]] = {}
+    confusion = np.zeros((len(TYPES), len(TYPES)), dtype=int)
+    degree_errors: list[float] = []
+    for name, (folder, families, level) in sets.items():
+        pairs = load_pairs(folder)
+        table = {f"{v}_{m}": [] for v in variants for m in ("psnr", "ssim")}
+        engines = {}
+        for variant in ("auto", "instruction", "all", "type", "degree"):
+            mode = "instruction" if variant == "instruction" else "auto"
+            tasks = [TASK[f] for f in families] if variant == "instruction" else []
+            granularity = variant if variant in ("all", "type", "degree") else None
+            apply_mode(routed, mode, tasks, granularity)
+            engines[variant] = (
+                Engine(routed, EngineOptions(device="cpu")),
+                dict(routed.conditions),
+            )
+        for lq, gt in pairs:
+            for variant in variants:
+                if variant == "input":
+                    pred = lq
+                elif variant == "baseline":
+                    pred = baseline.restore_tensor(lq)[0]
+                else:
+                    engine, conditions = engines[variant]
+                    routed.conditions = dict(conditions)
+                    pred, info = engine.restore_tensor(lq)
+                    if variant == "auto" and len(families) == 1:
+                        probs = json.loads(info.route["type_probs"])
+                        predicted = max(probs, key=probs.get)
+                        confusion[TYPES.index(families[0]), TYPES.index(predicted)] += 1
+                        with torch.no_grad():
+                            route = routed.module.route(lq)
+                        estimate = float(route.degree[0, TYPES.index(families[0])])
+                        degree_errors.append(abs(estimate - DEGREE_OF_LEVEL[level]))
+                value_psnr, value_ssim = scores(pred, gt)
+                table[f"{variant}_psnr"].append(value_psnr)
+                table[f"{variant}_ssim"].append(value_ssim)
+        results[name] = table
+        means = {k: float(np.mean(v)) for k, v in table.items()}
+        print(name, " ".join(f"{v} {means[v + '_psnr']:.2f}" for v in variants), flush=True)
+
+    accuracy = float(np.trace(confusion) / confusion.sum())
+    summary = {
+        "sets": {name: {k: float(np.mean(v)) for k, v in t.items()} for name, t in results.items()},
+        "type_accuracy": accuracy,
+        "degree_mae": float(np.mean(degree_errors)),
+        "confusion": confusion.tolist(),
+        "confusion_labels": TYPES,
+    }
+    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
+    write_confusion_png(confusion, args.out / "confusion.png", accuracy)
+    print_tables(summary, variants)
+
+
+def write_confusion_png(confusion: np.ndarray, path: Path, accuracy: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.2, 4.6), dpi=110)
+    rates = confusion / confusion.sum(1, keepdims=True).clip(min=1)
+    axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(TYPES)):
+        for j in range(len(TYPES)):
+            if confusion[i, j]:
+                colour = "white" if rates[i, j] > 0.5 else "black"
+                axes.text(j, i, str(confusion[i, j]), ha="center", va="center", color=colour)
+    axes.set_xticks(range(len(TYPES)), TYPES, rotation=45, ha="right")
+    axes.set_yticks(range(len(TYPES)), TYPES)
+    axes.set_xlabel("estimated type (argmax)")
+    axes.set_ylabel("applied type")
+    axes.set_title(f"UniRestorer type routing, single-type val sets: {accuracy:.1%}")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def print_tables(summary: dict, variants: list[str]) -> None:
+    print("\n| set | " + " | ".join(variants) + " |")
+    print("|---|" + "---|" * len(variants))
+    rows = summary["sets"]
+    for name, means in rows.items():
+        cells = [f"{means[v + '_psnr']:.2f} / {means[v + '_ssim']:.3f}" for v in variants]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    for label, names in (
+        ("mean, single types", [n for n in rows if "+" not in n]),
+        ("mean, mixtures", [n for n in rows if "+" in n]),
+    ):
+        cells = [
+            f"{np.mean([rows[n][v + '_psnr'] for n in names]):.2f} / "
+            f"{np.mean([rows[n][v + '_ssim'] for n in names]):.3f}"
+            for v in variants
+        ]
+        print(f"| **{label}** | " + " | ".join(cells) + " |")
+    print(f"\ntype routing accuracy {summary['type_accuracy']:.1%}, ", end="")
+    print(f"degree MAE {summary['degree_mae']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
