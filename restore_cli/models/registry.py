@@ -122,6 +122,7 @@ def architecture_names() -> list[str]:
 def _import_builtin_architectures() -> None:
     # Importing a module registers its architecture; kept lazy so `--help` stays fast.
     from restore_cli.models import (  # noqa: F401
+        diffuir,
         nafnet,
         promptir,
         restormer,
