@@ -91,8 +91,14 @@ def main() -> None:
     parser.add_argument("--model", default="unirestorer")
     parser.add_argument("--baseline", default="nafnet-allinone-s")
     parser.add_argument("--per-image", type=int, default=2)
+    # One thread: on a 2-core machine with anything else running, two OpenMP threads spin-wait
+    # for each other and run ~10x slower (see configs/nafnet-allinone-s.yaml).
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--every", type=int, default=1, help="Score every N-th pair of each set (quicker runs)."
+    )
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     sets = build_sets(args.photos, args.out / "sets", args.per_image)
 
     routed = load_model(args.model)
@@ -102,7 +108,7 @@ def main() -> None:
     confusion = np.zeros((len(TYPES), len(TYPES)), dtype=int)
     degree_errors: list[float] = []
     for name, (folder, families, level) in sets.items():
-        pairs = load_pairs(folder)
+        pairs = load_pairs(folder)[:: args.every]
         table = {f"{v}_{m}": [] for v in variants for m in ("psnr", "ssim")}
         engines = {}
         for variant in ("auto", "instruction", "all", "type", "degree"):

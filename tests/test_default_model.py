@@ -23,7 +23,9 @@ def test_default_is_shipped_small_and_verified():
     assert entry_status(entry) == "shipped"
     assert shipped_path(entry).stat().st_size <= MAX_FILE_BYTES
     loaded = load_model(entry.name)  # verifies the sha256
-    assert sum(p.numel() for p in loaded.module.parameters()) < 2_000_000
+    # compact enough for a 2-core CPU user (the developers' guide: about 1 M parameters run per
+    # pixel; UniRestorer's 29 experts share one 1.26 M backbone, plus a 0.42 M encoder)
+    assert sum(p.numel() for p in loaded.module.parameters()) < 3_000_000
 
 
 def test_default_model_removes_noise_from_a_photo_like_image():
