@@ -141,7 +141,7 @@ def restore(
     tile_overlap: Annotated[int, typer.Option(help="Overlap between tiles in pixels.")] = 32,
     device: DeviceOption = "auto",
     precision: PrecisionOption = Precision.auto,
-    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass; 0 = auto.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=0, help="Tiles per forward pass; 0 = auto.")] = 0,
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")
     ] = False,
@@ -161,7 +161,7 @@ def restore(
     ] = False,
     quiet: QuietOption = False,
     max_pixels: Annotated[
-        int, typer.Option(help="Refuse images with more pixels (decompression bombs).")
+        int, typer.Option(min=1, help="Refuse images with more pixels (decompression bombs).")
     ] = 200_000_000,
     jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.")] = 95,
     debug: DebugOption = False,
@@ -200,7 +200,19 @@ def restore(
         streams = Streams(stdin=sys.stdin if "-" in inputs else None)
         return RestoreRun(options, loaded, streams).run()
 
-    raise typer.Exit(run_guarded(debug, feature))
+    raise typer.Exit(run_interruptible(debug, feature))
+
+
+def run_interruptible(debug: bool, feature: Callable[[], int]) -> int:
+    """run_guarded, plus Ctrl-C outside the batch loop (loading the model, a second Ctrl-C
+    while finishing): one line and exit code 130 rather than click's "Aborted!" and 1."""
+    try:
+        return run_guarded(debug, feature)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def load_requested_model(name: str | None, weights: Path | None):
@@ -374,7 +386,7 @@ def synthesize(
         )
         return run(options)
 
-    raise typer.Exit(run_guarded(debug, feature))
+    raise typer.Exit(run_interruptible(debug, feature))
 
 
 @app.command()

@@ -6,7 +6,11 @@ single line without a traceback (``--debug`` shows the traceback).
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TextIO
 
 
 class RestoreCliError(Exception):
@@ -48,3 +52,29 @@ def one_line(error: BaseException) -> str:
 def with_file(path: Path, message: str) -> str:
     """``path: message``, unless the message already starts with the path."""
     return message if message.startswith(str(path)) else f"{path}: {message}"
+
+
+@contextmanager
+def warnings_as_lines(stream: TextIO) -> Iterator[None]:
+    """Show warnings as one ``warning: <file>: <cause>`` line each while a batch runs.
+
+    Python's default shows the warning's source line too (two lines, pointing into our code).
+    Warnings raised while a reader or writer thread handles a file get that file's name when
+    their text lacks it (library warnings such as Pillow's rarely name the file).
+    """
+    from restore_cli.io.image import file_being_read  # io.image imports this module
+
+    def show(message: Any, category: type, *_: Any, **__: Any) -> None:
+        lines = str(message).strip().splitlines()
+        text = lines[0] if lines else category.__name__
+        path = file_being_read()
+        if path is not None and not text.startswith(str(path)):
+            text = f"{path}: {text}"
+        print(f"warning: {text}", file=stream, flush=True)
+
+    shown = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown

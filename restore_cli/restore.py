@@ -4,11 +4,17 @@ Bounded queues on both sides keep memory flat for folders of thousands of photos
 ``readers * 2`` decoded images wait for the model and at most ``writers * 2`` restored images
 wait for the encoder. Results are reported in job order, so the run CSV is deterministic.
 Every per-file failure becomes one line on stderr and one CSV row; the batch goes on.
+
+Runs are safe to kill and to run side by side: each output is claimed (a locked hidden file
+next to it) before its image is read, so two runs into one folder share the work instead of
+both doing it; temp and claim files left by a killed run are removed at the next start; SIGTERM
+is handled like Ctrl-C.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -18,7 +24,14 @@ from pathlib import Path
 from typing import TextIO, TypeVar
 
 from restore_cli.engine import Engine, EngineOptions
-from restore_cli.errors import one_line, with_file
+from restore_cli.errors import (
+    ConfigError,
+    ImageWriteError,
+    one_line,
+    warnings_as_lines,
+    with_file,
+)
+from restore_cli.io.atomic import OutputClaim, remove_stale_temp_files
 from restore_cli.io.discover import Job, expand_inputs, plan_jobs
 from restore_cli.io.image import (
     MAX_PIXELS_DEFAULT,
@@ -27,6 +40,7 @@ from restore_cli.io.image import (
     resize_alpha,
     write_image,
 )
+from restore_cli.io.signals import terminate_as_interrupt
 from restore_cli.models.registry import LoadedModel, apply_mode
 from restore_cli.progress import BatchProgress
 from restore_cli.report import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, FileRecord, RunLog
@@ -63,6 +77,10 @@ class RestoreOptions:
     writers: int = 2
 
 
+class ClaimedElsewhere(Exception):
+    """Another run holds this output, or finished it after we planned: skip it."""
+
+
 @dataclass
 class Streams:
     stdin: TextIO | None = None
@@ -93,6 +111,8 @@ class RestoreRun:
     def __init__(
         self, options: RestoreOptions, model: LoadedModel, streams: Streams | None = None
     ) -> None:
+        if options.max_pixels < 1:
+            raise ConfigError(f"--max-pixels {options.max_pixels}: must be at least 1")
         self.options = options
         self.streams = streams or Streams()
         self.model = model
@@ -103,7 +123,9 @@ class RestoreRun:
         extra = [f"route_{c}" for c in ROUTE_COLUMNS] if model.spec.routed else []
         self.log = RunLog(csv_path, json_stream, extra)
         self.print_paths = not options.json and not self.streams.stdout.isatty()
-        self._writes: deque[tuple[FileRecord, Future[float] | None]] = deque()
+        self._writes: deque[tuple[FileRecord, Future[tuple[float, list[str]]] | None]] = deque()
+        self._claims: dict[str, OutputClaim] = {}  # output path -> our claim, until finished
+        self._claims_lock = threading.Lock()
         self.progress = BatchProgress(0, enabled=False)  # replaced by run()
 
     # -- stages -------------------------------------------------------------------------------
@@ -124,20 +146,41 @@ class RestoreRun:
         )
 
     def read(self, job: Job) -> tuple[DecodedImage, float]:
+        """Claim the output, then decode the input (in a reader thread)."""
         start = time.perf_counter()
-        return read_image(
-            job.input, max_pixels=self.options.max_pixels
-        ), time.perf_counter() - start
+        self.claim(job)
+        decoded = read_image(job.input, max_pixels=self.options.max_pixels)
+        return decoded, time.perf_counter() - start
 
-    def write(self, job: Job, rgb, decoded: DecodedImage) -> float:
+    def claim(self, job: Job) -> None:
+        """Take the output's claim, or raise ClaimedElsewhere (another run has it or made it)."""
+        try:
+            claim = OutputClaim.acquire(job.output)
+        except OSError as error:
+            reason = error.strerror or str(error)
+            raise ImageWriteError(f"{job.output}: cannot write there ({reason})") from None
+        if claim is None:
+            raise ClaimedElsewhere("being restored by another run right now")
+        with self._claims_lock:
+            self._claims[str(job.output)] = claim
+        if not self.options.overwrite and job.output.exists():
+            raise ClaimedElsewhere("output exists (made by another run meanwhile)")
+
+    def release(self, output: str) -> None:
+        with self._claims_lock:
+            claim = self._claims.pop(output, None)
+        if claim is not None:
+            claim.release()
+
+    def write(self, job: Job, rgb, decoded: DecodedImage) -> tuple[float, list[str]]:
         start = time.perf_counter()
         extras = decoded.extras
         height, width = rgb.shape[:2]
         if extras.alpha is not None and extras.alpha.shape != (height, width):
             extras = replace(extras, alpha=resize_alpha(extras.alpha, height, width))
         job.output.parent.mkdir(parents=True, exist_ok=True)
-        write_image(job.output, rgb, extras, jpeg_quality=self.options.jpeg_quality)
-        return time.perf_counter() - start
+        notes = write_image(job.output, rgb, extras, jpeg_quality=self.options.jpeg_quality)
+        return time.perf_counter() - start, notes
 
     def record(self, job: Job, **values) -> FileRecord:
         tasks = ",".join(self.options.tasks)
@@ -154,47 +197,71 @@ class RestoreRun:
     def run(self) -> int:
         started = time.perf_counter()
         jobs = self.plan()
+        self.remove_leftovers(jobs)
+        for notice in self.log.notices:
+            print(f"note: {notice}", file=self.streams.stderr)
         progress = BatchProgress.for_stream(len(jobs), self.options.quiet, self.streams.stderr)
         interrupted = False
         readers = ThreadPoolExecutor(self.options.readers, thread_name_prefix="read")
         writers = ThreadPoolExecutor(self.options.writers, thread_name_prefix="write")
         try:
             self.progress = progress
-            with progress:
-                for job, reading in prefetch(
-                    readers,
-                    self.read,
-                    jobs,
-                    2 * self.options.readers,
-                    wanted=lambda j: not (j.skip or j.error),
-                ):
-                    self.process(job, reading, writers)
-                self.drain_writes(0)
-        except KeyboardInterrupt:
-            interrupted = True
-            readers.shutdown(wait=False, cancel_futures=True)
-            self.drain_writes(0)  # files already handed to writers finish (atomically)
+            with terminate_as_interrupt(), warnings_as_lines(self.streams.stderr), progress:
+                try:
+                    for job, reading in prefetch(
+                        readers,
+                        self.read,
+                        jobs,
+                        2 * self.options.readers,
+                        wanted=lambda j: not (j.skip or j.error),
+                    ):
+                        self.process(job, reading, writers)
+                    self.drain_writes(0)
+                except KeyboardInterrupt:
+                    interrupted = True
+                    readers.shutdown(wait=False, cancel_futures=True)
+                    self.drain_writes(0)  # files already handed to writers finish (atomically)
         finally:
             readers.shutdown(wait=True, cancel_futures=True)
             writers.shutdown(wait=True)
+            for output in list(self._claims):
+                self.release(output)
             self.log.close()
+        if self.log.log_error:
+            print(f"error: {self.log.log_error}", file=self.streams.stderr)
         if not self.options.quiet:
             summary = self.log.summary(time.perf_counter() - started, interrupted)
             print(summary, file=self.streams.stderr)
         if interrupted:
             return EXIT_INTERRUPTED
-        return EXIT_FAILED if self.log.failed else EXIT_OK
+        return EXIT_FAILED if self.log.failed or self.log.log_error else EXIT_OK
+
+    def remove_leftovers(self, jobs: list[Job]) -> None:
+        """Delete temp and claim files that killed runs left in the output folders."""
+        folders = {job.output.parent for job in jobs if job.output.parent.is_dir()}
+        removed = remove_stale_temp_files(sorted(folders))
+        if removed and not self.options.quiet:
+            print(
+                f"note: removed {len(removed)} temporary file(s) left by an interrupted run",
+                file=self.streams.stderr,
+            )
 
     def process(self, job: Job, reading: Future | None, writers: ThreadPoolExecutor) -> None:
         if job.error:
             self.queue_result(self.record(job, status=STATUS_FAILED, error=job.error), None)
             return
         if job.skip:
-            self.queue_result(self.record(job, status=STATUS_SKIPPED, error="output exists"), None)
+            self.queue_result(self.record(job, status=STATUS_SKIPPED, error=job.note), None)
             return
         assert reading is not None
         try:
             decoded, read_seconds = reading.result()
+        except ClaimedElsewhere as skipped:
+            self.queue_result(self.record(job, status=STATUS_SKIPPED, error=str(skipped)), None)
+            return
+        except ImageWriteError as error:  # the output's folder: the message names the output
+            self.queue_result(self.record(job, status=STATUS_FAILED, error=one_line(error)), None)
+            return
         except Exception as error:  # one bad file never stops the batch
             message = with_file(job.input, one_line(error))
             self.queue_result(self.record(job, status=STATUS_FAILED, error=message), None)
@@ -220,28 +287,39 @@ class RestoreRun:
             device=info.device,
             seconds=seconds,
             status=STATUS_OK,
-            error="; ".join(info.notes),
+            error="; ".join([*decoded.notes, *info.notes]),
             extra={f"route_{k}": v for k, v in (info.route or {}).items()},
         )
         self.queue_result(record, writers.submit(self.write, job, restored, decoded))
 
-    def queue_result(self, record: FileRecord, writing: Future[float] | None) -> None:
+    def queue_result(
+        self, record: FileRecord, writing: Future[tuple[float, list[str]]] | None
+    ) -> None:
         self._writes.append((record, writing))
         self.drain_writes(2 * self.options.writers)
 
     def drain_writes(self, keep: int) -> None:
-        """Finish queued results in job order until at most ``keep`` remain in flight."""
+        """Finish queued results in job order until at most ``keep`` remain in flight.
+
+        A result leaves the queue only once it is logged, so a Ctrl-C while waiting for a
+        write loses no row: the interrupt handler drains the same queue again.
+        """
         while len(self._writes) > keep:
-            record, writing = self._writes.popleft()
+            record, writing = self._writes[0]
             if writing is not None:
                 try:
-                    record.seconds = float(record.seconds) + writing.result()
+                    write_seconds, notes = writing.result()
                 except Exception as error:
                     record.status = STATUS_FAILED
                     record.error = with_file(Path(record.output), one_line(error))
+                else:
+                    record.seconds = float(record.seconds) + write_seconds
+                    record.error = "; ".join(filter(None, [record.error, *notes]))
+            self._writes.popleft()
             self.finish(record)
 
     def finish(self, record: FileRecord) -> None:
+        self.release(record.output)
         self.log.add(record)
         if record.status == STATUS_FAILED:
             self.progress.print_error(record.error, self.streams.stderr)

@@ -4,12 +4,20 @@ Each pair is keyed by the clean image's relative path and its index; its seed is
 ``pair_seed(seed, key)``, which draws the crop, the chain and every random field. So the same
 seed gives the same bytes with any number of workers, in any order, and a rerun only makes the
 pairs that are missing (``metadata.csv`` is rebuilt whole at the end, atomically).
+
+Killing a run at any moment is safe: each image is written atomically, a pair counts as made
+only when both of its files exist, temp files of a killed run are removed at the next start,
+and an interrupted run leaves the previous ``metadata.csv`` untouched (it is only rewritten by
+a run that got through every pair). Workers ignore SIGINT so that Ctrl-C reaches the parent
+alone, which stops submitting, lets running pairs finish and prints the summary.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +32,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from restore_cli.degradations import (
+    DEGRADATIONS,
     LEVELS,
     Component,
     MixtureSpec,
@@ -31,6 +40,7 @@ from restore_cli.degradations import (
     pair_seed,
     sample_chain,
 )
+from restore_cli.degradations.base import Choice
 from restore_cli.degradations.pipeline import (
     Chain,
     single_step_chain,
@@ -38,10 +48,17 @@ from restore_cli.degradations.pipeline import (
     validate_types,
 )
 from restore_cli.engine import resolve_device
-from restore_cli.errors import ConfigError, one_line, with_file
-from restore_cli.io.atomic import atomic_write_bytes
+from restore_cli.errors import (
+    ConfigError,
+    ImageWriteError,
+    one_line,
+    warnings_as_lines,
+    with_file,
+)
+from restore_cli.io.atomic import atomic_write_bytes, remove_stale_temp_files
 from restore_cli.io.discover import expand_inputs
 from restore_cli.io.image import MAX_PIXELS_DEFAULT, ImageExtras, read_image, write_image
+from restore_cli.io.signals import terminate_as_interrupt
 from restore_cli.progress import BatchProgress
 
 METADATA_NAME = "metadata.csv"
@@ -127,14 +144,50 @@ def parse_fixed(items: list[str]) -> dict[str, dict[str, float | int | str]]:
                 break
             except ValueError:
                 continue
-        pinned.setdefault(name, {})[key] = value
+        pinned.setdefault(name, {})[key] = check_pinned(name, key, value)
     return pinned
+
+
+def check_pinned(name: str, key: str, value: float | int | str) -> float | int | str:
+    """A pinned value must be one the degradation was built for: a listed choice, or a finite
+    number inside its in- and out-of-distribution ranges. Outside them the result is not a
+    physical degradation any more, and some values would never finish (a motion-blur kernel a
+    million pixels long). Unknown names and keys are left to MixtureSpec's own message."""
+    degradation = DEGRADATIONS.get(name)
+    param = next((p for p in degradation.params if p.name == key), None) if degradation else None
+    if param is None:
+        return value
+    label = f"--param {name}.{key}={value}"
+    if isinstance(param, Choice):
+        if str(value) not in param.options:
+            raise ConfigError(f"{label}: expected one of {', '.join(param.options)}")
+        return str(value)
+    if isinstance(value, str) or not math.isfinite(value):
+        raise ConfigError(f"{label}: expected a finite number")
+    bounds = [*param.in_dist, *(param.ood or ())]
+    low, high = min(bounds), max(bounds)
+    if not low <= value <= high:
+        raise ConfigError(
+            f"{label}: must be between {low:g} and {high:g} (its in- and out-of-distribution range)"
+        )
+    if param.integer:
+        if value != int(value) or (param.odd and int(value) % 2 == 0):
+            kind = "an odd whole number" if param.odd else "a whole number"
+            raise ConfigError(f"{label}: must be {kind}")
+        return int(value)
+    return value
 
 
 def plan_pairs(options: SynthesizeOptions) -> tuple[list[PairJob], list[str]]:
     """All pairs to make, in a stable order, plus one error line per unusable input."""
     if options.per_image < 1:
         raise ConfigError("--per-image must be at least 1")
+    if options.crop is not None and options.crop < 1:
+        raise ConfigError(f"--crop {options.crop}: must be at least 1 pixel")
+    if options.workers < 1:
+        raise ConfigError(f"--workers {options.workers}: must be at least 1")
+    if options.max_pixels < 1:
+        raise ConfigError(f"--max-pixels {options.max_pixels}: must be at least 1")
     sources = expand_inputs(
         options.inputs, recursive=options.recursive, stdin=None, exclude=options.output_dir
     )
@@ -225,6 +278,8 @@ def regenerate_pair(row: dict[str, str], clean_root: Path, device: str = "cpu"):
 
 def _init_worker() -> None:
     torch.set_num_threads(1)  # the pool supplies the parallelism
+    # Ctrl-C in a terminal signals the whole process group; the parent alone decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_pairs(jobs: list[PairJob], options: SynthesizeOptions) -> Iterator[tuple[PairJob, Future]]:
@@ -261,21 +316,26 @@ def synthesize(options: SynthesizeOptions, stderr: TextIO = sys.stderr) -> int:
     jobs, errors = plan_pairs(options)
     for line in errors:
         print(f"error: {line}", file=stderr)
-    if options.preview and jobs:
-        write_preview(options, jobs[0].source)
+    remove_leftovers(options, jobs, stderr)
     rows: list[dict[str, object]] = []
     failed = len(errors)
     interrupted = False
     progress = BatchProgress.for_stream(len(jobs), options.quiet, stderr)
     try:
-        with progress:
-            for job, future in run_pairs(jobs, options):
-                try:
-                    rows.append(future.result())
-                except Exception as error:
-                    failed += 1
-                    progress.print_error(with_file(job.source, one_line(error)), stderr)
-                progress.advance()
+        with terminate_as_interrupt(), warnings_as_lines(stderr):
+            if options.preview and jobs:
+                write_preview(options, jobs[0].source)
+            with progress:
+                for job, future in run_pairs(jobs, options):
+                    try:
+                        rows.append(future.result())
+                    except ImageWriteError as error:  # names the output it could not write
+                        failed += 1
+                        progress.print_error(one_line(error), stderr)
+                    except Exception as error:
+                        failed += 1
+                        progress.print_error(with_file(job.source, one_line(error)), stderr)
+                    progress.advance()
     except KeyboardInterrupt:
         interrupted = True
     if not interrupted:
@@ -292,6 +352,16 @@ def synthesize(options: SynthesizeOptions, stderr: TextIO = sys.stderr) -> int:
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def remove_leftovers(options: SynthesizeOptions, jobs: list[PairJob], stderr: TextIO) -> None:
+    """Delete temp files a killed run left in the output folders (never a live run's)."""
+    out = options.output_dir
+    folders = {(out / path).parent for job in jobs for path in (job.lq, job.gt)} | {out}
+    removed = remove_stale_temp_files(sorted(f for f in folders if f.is_dir()))
+    if removed and not options.quiet:
+        count = len(removed)
+        print(f"note: removed {count} temporary file(s) left by an interrupted run", file=stderr)
 
 
 def write_preview(options: SynthesizeOptions, source: Path, side: int = 192) -> Path:

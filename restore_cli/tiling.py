@@ -156,6 +156,10 @@ def forward_padded(
     return forward(padded)[..., : height * scale, : width * scale]
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def batched(items: list[Tile], size: int) -> Iterator[list[Tile]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -187,7 +191,13 @@ def run_tiled(
     padded = pad_to_multiple(image, size_multiple, min_size)
     padded_h, padded_w = padded.shape[-2:]
     tile = max(tile // size_multiple * size_multiple, size_multiple, min_size)
+    tile = _round_up(tile, size_multiple)  # min_size need not be a multiple
     overlap = max(min(overlap, tile // 2 - 1), 0)
+    if tile - overlap < size_multiple:
+        # Starts are multiples of the alignment, so a step is at least one multiple: a smaller
+        # tile could not keep the overlap, and its blend ramps would meet a seam with no
+        # neighbour behind it (weights summing to 0 there). Found by tests/test_fuzz.py.
+        tile = _round_up(overlap + size_multiple, size_multiple)
     tiles = plan_tiles(padded_h, padded_w, tile, overlap, size_multiple)
     output: torch.Tensor | None = None
     weight_sum: torch.Tensor | None = None

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from restore_cli.errors import ConfigError, WeightsError
+from restore_cli.io.atomic import lock_file, remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,10 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(
             f"cannot read weights registry {path}: {error.strerror or error}"
         ) from None
+    except UnicodeDecodeError as error:  # found by tests/fuzz_atheris.py
+        raise ConfigError(
+            f"weights registry {path} is not UTF-8 text (byte {error.start}: {error.reason})"
+        ) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -214,11 +219,10 @@ def _check_location(location: str, value: str, fail: Fail) -> None:
             raise fail("hub", "must look like 'owner/repo/filename'")
 
 
-def _checked_sha256(value: Any, location: str, fail: Fail) -> str | None:
+def _checked_sha256(value: Any, location: str, fail: Fail) -> str:
+    """Every entry needs one: nothing is loaded that was not checked byte for byte."""
     if value is None:
-        if location in ("file", "url"):
-            raise fail("sha256", f"is missing (required for '{location}' entries)")
-        return None
+        raise fail("sha256", f"is missing (required for every entry, '{location}' included)")
     if not isinstance(value, str) or not _SHA256_PATTERN.match(value):
         raise fail("sha256", "must be 64 hexadecimal characters")
     return value.lower()
@@ -325,12 +329,19 @@ def _huggingface_hub_available() -> bool:
 
 
 def _download_verified(entry: WeightsEntry, target: Path) -> None:
-    """Fetch into a temporary file beside ``target``; rename only after the sha256 matched."""
+    """Fetch into a temporary file beside ``target``; rename only after the sha256 matched.
+
+    The ``.part`` file stays locked while we write it, so partial files of killed downloads
+    (unlocked) are removed before a new download while a concurrent one is left alone.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
+    stale = re.compile(rf"^\.{re.escape(target.name)}\..+\.part$")
+    for path in remove_stale_temp_files([target.parent], pattern=stale):
+        log.info("removed %s, left by an interrupted download", path)
     descriptor, temp_name = tempfile.mkstemp(
         dir=target.parent, prefix=f".{target.name}.", suffix=".part"
     )
-    os.close(descriptor)
+    lock_file(descriptor)
     temp_path = Path(temp_name)
     try:
         log.info("downloading %s to %s", entry.download_url, target)
@@ -353,6 +364,7 @@ def _download_verified(entry: WeightsEntry, target: Path) -> None:
         _write_sidecar(target, actual)
     finally:
         temp_path.unlink(missing_ok=True)
+        os.close(descriptor)
 
 
 def _download_url(url: str, destination: Path) -> str:
@@ -371,7 +383,7 @@ def _download_hub(hub: str, destination: Path) -> str:
     staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=".hub-"))
     try:
         fetched = Path(hf_hub_download(repo_id=repo_id, filename=filename, local_dir=staging))
-        shutil.move(str(fetched), destination)
+        shutil.copyfile(fetched, destination)  # into our locked .part file, not over it
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return sha256_file(destination)

@@ -83,7 +83,7 @@ def test_valid_registry_parses_into_entries(tmp_path: Path) -> None:
         tmp_path,
         [
             valid_entry(tasks=["denoise"], wrapping="params", sha256=PAYLOAD_SHA.upper()),
-            valid_entry(name="other", url=None, sha256=None, hub="owner/repo/sub/w.safetensors"),
+            valid_entry(name="other", url=None, hub="owner/repo/sub/w.safetensors"),
             valid_entry(name="packaged", url=None, file="w.safetensors", default=True),
         ],
     )
@@ -93,7 +93,7 @@ def test_valid_registry_parses_into_entries(tmp_path: Path) -> None:
     assert tiny.tasks == ("denoise",)
     assert tiny.wrapping == "params"
     assert tiny.sha256 == PAYLOAD_SHA  # normalised to lower case
-    assert entries["other"].sha256 is None  # optional for hub entries
+    assert entries["other"].sha256 == PAYLOAD_SHA
     assert entries["other"].download_url == (
         "https://huggingface.co/owner/repo/resolve/main/sub/w.safetensors"
     )
@@ -117,6 +117,10 @@ BAD_ENTRIES = {
     "url without sha256": ([valid_entry(sha256=None)], "'sha256' is missing"),
     "file without sha256": (
         [valid_entry(url=None, sha256=None, file="w.safetensors")],
+        "'sha256' is missing",
+    ),
+    "hub without sha256": (
+        [valid_entry(url=None, sha256=None, hub="owner/repo/w.safetensors")],
         "'sha256' is missing",
     ),
     "file with a folder": ([valid_entry(url=None, file="../w.safetensors")], "'file'"),

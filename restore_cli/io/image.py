@@ -26,12 +26,14 @@ What an output cannot keep (by format):
 
 from __future__ import annotations
 
+import errno
 import io
+import logging
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -67,6 +69,15 @@ _BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _TIFF_DESCRIPTIVE_TAGS = (270, 271, 272, 274, 282, 283, 296, 305, 306, 315, 33432)
 _TIFFFILE_ASCII_TAGS = (270, 271, 272, 315, 33432)  # written by tifffile as extratags
 
+# tifffile logs its complaints about damaged files (without naming them) through `logging`;
+# the read error or note that follows names the file, so those lines are only noise.
+logging.getLogger("tifffile").addHandler(logging.NullHandler())
+logging.getLogger("tifffile").propagate = False
+# Pillow warns about damaged EXIF blocks without naming the file; read_image notes it instead.
+warnings.filterwarnings("ignore", message=r"(Possibly )?[Cc]orrupt EXIF", category=UserWarning)
+
+_current = threading.local()  # per thread: the file being read or written, and its notes
+
 
 # --------------------------------------------------------------------------- data classes
 
@@ -90,6 +101,9 @@ class DecodedImage:
 
     rgb: np.ndarray  # float32 HxWx3, C-contiguous, values in [0, 1]
     extras: ImageExtras
+    # What was read but not as asked (extra frames ignored, EXIF dropped...): one line each,
+    # also issued as warnings; `restore` puts them in the run CSV.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def height(self) -> int:
@@ -133,18 +147,49 @@ def read_image(path: Path, *, max_pixels: int = MAX_PIXELS_DEFAULT) -> DecodedIm
     Any failure raises :class:`ImageReadError` with one line ``"<path>: <cause>"``.
     """
     path = Path(path)
+    _current.path, _current.notes = path, []
     try:
         data = path.read_bytes()
         if not data:
             raise ImageReadError(f"{path}: empty file (0 bytes)")
         with _pillow_bomb_check_disabled():
             if _is_tiff(data):
-                return _decode_tiff(path, data, max_pixels)
-            return _decode_with_pillow(path, data, max_pixels)
+                decoded = _decode_tiff(path, data, max_pixels)
+            else:
+                decoded = _decode_with_pillow(path, data, max_pixels)
+        decoded.notes = list(_current.notes)
+        return decoded
     except ImageReadError:
         raise
     except Exception as exc:
         raise ImageReadError(f"{path}: {_read_cause(exc)}") from exc
+    finally:
+        _current.path, _current.notes = None, None
+
+
+def file_being_read() -> Path | None:
+    """The file this thread is decoding or encoding, if any: lets a warning hook name it."""
+    return getattr(_current, "path", None)
+
+
+def _note(message: str) -> None:
+    """Record a one-line note for the file being read and issue it as a warning."""
+    notes = getattr(_current, "notes", None)
+    if notes is not None:
+        notes.append(message)
+    warnings.warn(message, stacklevel=3)
+
+
+_CORRUPT_HINTS = (
+    "truncat",
+    "failed to read",
+    "broken data stream",
+    "could not create decoder",
+    "decoder error",
+    "error -3",
+    "invalid distance",
+    "invalid block type",
+)
 
 
 def _read_cause(exc: Exception) -> str:
@@ -162,7 +207,13 @@ def _read_cause(exc: Exception) -> str:
     if isinstance(exc, _Unsupported):
         return str(exc)
     text = _first_line(exc)
-    if isinstance(exc, EOFError) or any(w in text.lower() for w in ("truncat", "failed to read")):
+    lowered = text.lower()
+    if "decompressed data too large" in lowered:
+        return (
+            "refused: a metadata chunk inflates beyond Pillow's safety limit "
+            f"(decompression bomb?) ({text})"
+        )
+    if isinstance(exc, EOFError) or any(hint in lowered for hint in _CORRUPT_HINTS):
         return f"file is truncated or corrupt ({text})"
     return f"cannot decode image ({text})"
 
@@ -213,7 +264,7 @@ def _check_pixel_limit(path: Path, width: int, height: int, max_pixels: int) -> 
 
 def _warn_extra_frames(path: Path, frames: int, what: str) -> None:
     if frames > 1:
-        warnings.warn(f"{path}: has {frames} {what}; only the first is read", stacklevel=4)
+        _note(f"{path}: has {frames} {what}; only the first is read")
 
 
 def _is_tiff(data: bytes) -> bool:
@@ -249,11 +300,15 @@ def _decode_with_pillow(path: Path, data: bytes, max_pixels: int) -> DecodedImag
 
 
 def _safe_getexif(im: Image.Image) -> Image.Exif | None:
-    """Broken EXIF must not fail the read: ignore it."""
+    """Broken EXIF must not fail the read: ignore it (with a note when nothing was usable)."""
     try:
-        return im.getexif()
+        exif = im.getexif()
     except Exception:
-        return None
+        exif = None
+    if im.info.get("exif") and not exif:
+        path = file_being_read()
+        _note(f"{path}: EXIF data is corrupt; ignored" if path else "EXIF data is corrupt")
+    return exif
 
 
 def _tiff_meta_after_pillow(im: Image.Image, exif: Image.Exif | None) -> _Meta:
@@ -403,6 +458,7 @@ def _decode_tiff(path: Path, data: bytes, max_pixels: int) -> DecodedImage:
         if not tif.pages:
             raise _Unsupported("no readable image in this TIFF (truncated or corrupt file?)")
         page = tif.pages[0]
+        _check_tiff_layout(page)
         if page.bitspersample <= 8 and page.sampleformat != tifffile.SAMPLEFORMAT.IEEEFP:
             return _decode_with_pillow(path, data, max_pixels)
         _check_pixel_limit(path, page.imagewidth, page.imagelength, max_pixels)
@@ -412,6 +468,25 @@ def _decode_tiff(path: Path, data: bytes, max_pixels: int) -> DecodedImage:
         icc = bytes(icc_tag.value) if icc_tag is not None else None
     meta = _meta_from_exif(_exif_from_tiff_bytes(data), icc, True)
     return _assemble(pixels, meta, "TIFF")
+
+
+_MAX_TIFF_SAMPLES = 8  # gray/RGB plus alpha and a few extra samples; more is not a photo
+
+
+def _check_tiff_layout(page: tifffile.TiffPage) -> None:
+    """Refuse layouts that multiply the work beyond the pixel count, before any strip is read.
+
+    A 367-byte file claiming 12,550 samples per pixel in separate planes made tifffile walk
+    5.4 million strips (16 s) although its 3x3849 pixels pass ``--max-pixels`` (found by
+    tests/fuzz_atheris.py).
+    """
+    if page.samplesperpixel > _MAX_TIFF_SAMPLES:
+        raise _Unsupported(
+            f"unsupported TIFF with {page.samplesperpixel} samples per pixel "
+            f"(at most {_MAX_TIFF_SAMPLES} are read)"
+        )
+    if page.imagedepth > 1:
+        raise _Unsupported(f"unsupported volumetric TIFF (image depth {page.imagedepth})")
 
 
 def _tifffile_pixels(page: tifffile.TiffPage, data: bytes) -> _Pixels:
@@ -666,15 +741,26 @@ def _format_for_suffix(suffix: str) -> str | None:
 
 def write_image(
     path: Path, rgb: np.ndarray, extras: ImageExtras, *, jpeg_quality: int = 95
-) -> None:
+) -> list[str]:
     """Encode float RGB in [0, 1] to ``path`` (format from its suffix), atomically.
 
     Alpha, grayscale, bit depth, ICC and EXIF from ``extras`` are restored where the format
     can hold them; an alpha of another size (a model that rescales) is resized to fit. JPEG
-    and BMP have no alpha: it is dropped with a warning. Failure raises
-    :class:`ImageWriteError` and leaves neither the target changed nor a temp file behind.
+    and BMP have no alpha: it is dropped with a warning. Returns those warnings (one line
+    each) for the run CSV. Failure raises :class:`ImageWriteError` and leaves neither the
+    target changed nor a temp file behind.
     """
     path = Path(path)
+    previous = getattr(_current, "path", None), getattr(_current, "notes", None)
+    _current.path, _current.notes = path, []
+    try:
+        _write(path, rgb, extras, jpeg_quality)
+        return list(_current.notes)
+    finally:
+        _current.path, _current.notes = previous
+
+
+def _write(path: Path, rgb: np.ndarray, extras: ImageExtras, jpeg_quality: int) -> None:
     fmt = _format_for_suffix(path.suffix)
     if fmt is None:
         raise ImageWriteError(
@@ -690,7 +776,17 @@ def write_image(
     except ImageWriteError:
         raise
     except Exception as exc:
-        raise ImageWriteError(f"{path}: cannot write image ({_first_line(exc)})") from exc
+        raise ImageWriteError(f"{path}: cannot write image ({_write_cause(exc)})") from exc
+
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _write_cause(exc: BaseException) -> str:
+    text = _first_line(exc)
+    if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+        return f"{text}: disk full, quota or file size limit reached"
+    return text
 
 
 def resize_alpha(alpha: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -709,11 +805,20 @@ def _output_planes(rgb: np.ndarray, extras: ImageExtras) -> tuple[np.ndarray, np
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"write_image expects HxWx3 RGB, got shape {rgb.shape}")
     rgb = np.asarray(rgb, dtype=np.float32)
-    colour = rgb @ _BT601 if extras.grayscale else rgb
+    colour = _gray_plane(rgb) if extras.grayscale else rgb
     alpha = extras.alpha
     if alpha is not None:
         alpha = resize_alpha(alpha, rgb.shape[0], rgb.shape[1])
     return colour, alpha
+
+
+def _gray_plane(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 luma, except that an image whose channels are still equal keeps its exact values
+    (the float32 dot product is off by an ulp, which a float TIFF output would keep)."""
+    first = rgb[..., 0]
+    if np.array_equal(first, rgb[..., 1]) and np.array_equal(first, rgb[..., 2]):
+        return np.array(first)
+    return rgb @ _BT601
 
 
 class _Encode(NamedTuple):
@@ -765,10 +870,9 @@ def _icc_for_output(icc: bytes | None, gray_output: bool) -> bytes | None:
 
 def _warn_alpha_dropped(target: Path, alpha: np.ndarray | None, fmt: str) -> None:
     if alpha is not None:
-        warnings.warn(
+        _note(
             f"{target}: {fmt} has no alpha channel; transparency is dropped (use .png, .webp "
-            "or .tif to keep it)",
-            stacklevel=4,
+            "or .tif to keep it)"
         )
 
 
@@ -813,8 +917,7 @@ def _opencv_png16(job: _Encode, bgr: np.ndarray) -> None:
         ok, buf = cv2.imencodeWithMetadata(".png", bgr, types, blobs, params)
     else:
         if types:
-            msg = f"{job.target}: OpenCV < 4.12 cannot write ICC/EXIF into a 16-bit PNG; dropped"
-            warnings.warn(msg, stacklevel=5)
+            _note(f"{job.target}: OpenCV < 4.12 cannot write ICC/EXIF into a 16-bit PNG; dropped")
         ok, buf = cv2.imencode(".png", bgr, params)
     if not ok:
         raise ValueError("OpenCV could not encode the 16-bit PNG")
@@ -828,9 +931,7 @@ def _write_jpeg(job: _Encode) -> None:
     _warn_alpha_dropped(job.target, job.alpha, "JPEG")
     exif = job.extras.exif
     if exif and len(exif) > _JPEG_MAX_EXIF:
-        warnings.warn(
-            f"{job.target}: EXIF too large for JPEG ({len(exif)} bytes); dropped", stacklevel=3
-        )
+        _note(f"{job.target}: EXIF too large for JPEG ({len(exif)} bytes); dropped")
         exif = None
     _pillow_save(
         job.tmp,

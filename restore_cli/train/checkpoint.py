@@ -12,7 +12,8 @@ RUN_DIR/checkpoints/ holds, per saved step N (7 digits):
 
 Each file is written atomically and the state file last: a checkpoint is complete exactly when
 its state file exists, so a run killed mid-save resumes from the previous checkpoint. Pruning
-deletes the state file first for the same reason.
+deletes the state file first for the same reason. Temp files of a save that was killed (SIGKILL
+leaves them) are removed before the next save.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from restore_cli.errors import ConfigError, WeightsError
-from restore_cli.io.atomic import atomic_write_bytes
+from restore_cli.io.atomic import atomic_write_bytes, remove_stale_temp_files
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_SUFFIX = ".state.pt"
@@ -98,6 +99,7 @@ def save_checkpoint(
     """Write the weights, the EMA weights and finally the training state (the commit point)."""
     checkpoint = Checkpoint.at(run_dir, step)
     checkpoint.state.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files([checkpoint.state.parent])
     atomic_write_bytes(checkpoint.weights, weights_bytes(weights, metadata))
     if ema_weights is not None:
         ema_metadata = {**metadata, "ema": "true"}
