@@ -7,7 +7,6 @@ The daclip fixture folder also holds the IR-SDE ConditionalUNet checks; those ar
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from restore_cli.models.daclip import DACLIP_VIT_B_32, DaCLIP, unwrap_daclip_checkpoint
-from tests.parity import PARITY_ROOT, load_check_fixture
+from tests.parity import PARITY_ROOT
 
 FIXTURE_DIR = PARITY_ROOT / "daclip"
 MISSING_REASON = f"DA-CLIP parity fixtures not found at {FIXTURE_DIR}"
@@ -31,18 +30,7 @@ SMALL_CONFIG: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny networks run faster on one thread, and far faster on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def check_fixture() -> ModuleType:
-    return load_check_fixture()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _factory(check: dict[str, Any]) -> nn.Module | None:

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -38,7 +37,7 @@ from restore_cli.models.diffuir import (
 )
 from restore_cli.models.loading import strict_load, unwrap_checkpoint
 from restore_cli.models.registry import detect_architecture, get_architecture
-from tests.parity import PARITY_ROOT, config_params, full_configs, load_check_fixture
+from tests.parity import PARITY_ROOT, config_params, full_configs
 
 FIXTURE_DIR = PARITY_ROOT / "diffuir"
 MISSING_REASON = f"DiffUIR parity fixtures not found at {FIXTURE_DIR}"
@@ -48,18 +47,7 @@ SMALL_CONFIG: dict[str, Any] = {"dim": 16, "dim_mults": [1, 1, 2, 2]}
 STATES = ("sampler_state_init", "sampler_state_1", "sampler_state_2", "sampler_state_3")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small networks run faster on one thread, and far faster on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def check_fixture() -> ModuleType:
-    return load_check_fixture()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -43,12 +43,7 @@ TINY = {
 FAMILIES = ("noise", "blur", "jpeg", "lowlight", "haze", "rain", "snow")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fitted_model(seed: int = 0) -> UniRestorer:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 from collections import OrderedDict
-from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -41,7 +40,7 @@ from restore_cli.models.unirestorer_release import (
     router_body,
     unwrap_release_checkpoint,
 )
-from tests.parity import PARITY_ROOT, load_check_fixture
+from tests.parity import PARITY_ROOT
 
 FIXTURE_DIR = PARITY_ROOT / "unirestorer"
 MISSING_REASON = f"UniRestorer parity fixtures not found at {FIXTURE_DIR}"
@@ -106,18 +105,7 @@ def _under(ref: dict[str, Any], prefix: str) -> dict[str, Any]:
     return OrderedDict((k[len(start) :], v) for k, v in ref.items() if k.startswith(start))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny networks run faster on one thread, and far faster on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def check_fixture() -> ModuleType:
-    return load_check_fixture()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
