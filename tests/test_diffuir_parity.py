@@ -116,6 +116,10 @@ def test_released_checkpoints_load_strictly(config_name: str, check_fixture: Mod
     declared = unwrap_checkpoint(checkpoint, "ema:ema_model.model.")  # weights.yaml wrapping
     assert set(declared) == set(state_dict)
     assert all(bool((v == 0.25).all()) for v in declared.values())
+    automatic = unwrap_checkpoint(checkpoint)  # a bare file path: the EMA copy, found by itself
+    assert set(automatic) == set(state_dict) and all(
+        bool((v == 0.25).all()) for v in automatic.values()
+    )
     detected = detect_diffuir(state_dict)
     assert detected is not None and {k: detected[k] for k in kwargs} == kwargs
     found = detect_architecture(state_dict)

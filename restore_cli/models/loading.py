@@ -176,6 +176,11 @@ def _unwrap_explicit(checkpoint: Mapping[str, Any], wrapping: str) -> StateDict:
 
 
 def _unwrap_automatic(checkpoint: Mapping[str, Any]) -> StateDict:
+    ema = checkpoint.get("ema")
+    if isinstance(ema, Mapping) and any(
+        isinstance(k, str) and k.startswith(_EMA_PYTORCH_PREFIX) for k in ema
+    ):  # ema_pytorch trainers (DiffUIR): the EMA network, not the training copy in "model"
+        return _select_prefix(_only_tensors(ema), _EMA_PYTORCH_PREFIX)
     inner: Mapping[str, Any] = checkpoint
     wrapper_key = None
     for _ in range(3):  # e.g. {"model": {"state_dict": {...}}}; state dicts never nest deeper
@@ -187,6 +192,10 @@ def _unwrap_automatic(checkpoint: Mapping[str, Any]) -> StateDict:
     if wrapper_key == "state_dict" and any(k.startswith(_LIGHTNING_NET_PREFIX) for k in tensors):
         tensors = _select_prefix(tensors, _LIGHTNING_NET_PREFIX)
     return tensors
+
+
+# ema_pytorch's EMA wrapper keeps the averaged network under this prefix of checkpoint['ema'].
+_EMA_PYTORCH_PREFIX = "ema_model.model."
 
 
 def _only_tensors(mapping: Mapping[Any, Any]) -> StateDict:
