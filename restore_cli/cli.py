@@ -135,6 +135,12 @@ def restore(
     mode: ModeOption = Mode.auto,
     task: TaskOption = [],  # noqa: B006 - Typer reads the default, it is never mutated
     granularity: GranularityOption = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Diffusion models: sampling steps (fewer = faster).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Diffusion models: noise seed (same seed, same output).")
+    ] = None,
     tile: Annotated[str, typer.Option(help="Tile side in pixels, 0 = whole image, or auto.")] = (
         "auto"
     ),
@@ -179,6 +185,8 @@ def restore(
             mode=mode.value,
             tasks=split_tasks(task),
             granularity=granularity.value if granularity else None,
+            steps=steps,
+            seed=seed,
             engine=EngineOptions(
                 device=device,
                 precision=precision.value,

@@ -41,7 +41,7 @@ from restore_cli.io.image import (
     write_image,
 )
 from restore_cli.io.signals import terminate_as_interrupt
-from restore_cli.models.registry import LoadedModel, apply_mode
+from restore_cli.models.registry import LoadedModel, apply_mode, apply_sampling
 from restore_cli.progress import BatchProgress
 from restore_cli.report import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, FileRecord, RunLog
 from restore_cli.routing import ROUTE_COLUMNS
@@ -63,6 +63,8 @@ class RestoreOptions:
     mode: str = "auto"
     tasks: list[str] = field(default_factory=list)
     granularity: str | None = None  # routed models: force all / type / degree experts
+    steps: int | None = None  # diffusion models: sampling steps (None = the model's default)
+    seed: int | None = None  # diffusion models: noise seed (None = the model's default)
     engine: EngineOptions = field(default_factory=EngineOptions)
     recursive: bool = False
     ext: str = "same"
@@ -117,6 +119,7 @@ class RestoreRun:
         self.streams = streams or Streams()
         self.model = model
         apply_mode(model, options.mode, options.tasks, options.granularity)
+        apply_sampling(model, options.steps, options.seed)
         self.engine = Engine(model, options.engine)
         csv_path = options.csv_path or options.output_dir / RUN_CSV_NAME
         json_stream = self.streams.stdout if options.json else None

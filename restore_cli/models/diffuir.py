@@ -647,6 +647,7 @@ def diffuir_spec(config: Mapping[str, Any]) -> ModelSpec:
         supports_bf16=False,
         input_channels=int(kwargs["channels"]),
         output_channels=int(kwargs["channels"]),
+        sampled=True,
     )
 
 

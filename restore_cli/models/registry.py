@@ -46,6 +46,8 @@ class ModelSpec:
     # ``module.route(image, **conditions)`` once on the whole image and passes ``route=`` to the
     # forward of every tile, so all tiles of one image use the same experts.
     routed: bool = False
+    # True for diffusion models whose forward takes ``steps=`` and ``seed=`` (DiffUIR).
+    sampled: bool = False
 
 
 @dataclass
@@ -166,3 +168,16 @@ def apply_mode(
             f"unknown task {unknown[0]!r} for {model.name} (valid: {', '.join(valid)})"
         )
     model.conditions["tasks"] = tuple(tasks)
+
+
+def apply_sampling(model: LoadedModel, steps: int | None, seed: int | None) -> None:
+    """``--steps``/``--seed`` for diffusion models; refused (not ignored) for the others."""
+    for name, value in (("steps", steps), ("seed", seed)):
+        model.conditions.pop(name, None)
+        if value is None:
+            continue
+        if not model.spec.sampled:
+            raise ModelError(f"model {model.name} is not a diffusion model; --{name} needs one")
+        if name == "steps" and value < 1:
+            raise ModelError(f"--steps {value}: must be >= 1")
+        model.conditions[name] = value
