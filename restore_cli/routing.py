@@ -28,6 +28,13 @@ from restore_cli.models.registry import LoadedModel, apply_mode
 GRANULARITIES = ("all", "type", "degree")
 
 
+def granularity_index(name: str) -> int:
+    """Position of a ``--granularity`` name (0 = all, 1 = type, 2 = degree), or a clear error."""
+    if name not in GRANULARITIES:
+        raise ModelError(f"--granularity {name!r}: expected one of {', '.join(GRANULARITIES)}")
+    return GRANULARITIES.index(name)
+
+
 @dataclass
 class Route:
     """Routing of a batch of images (one row per image), the input of every tile's forward."""

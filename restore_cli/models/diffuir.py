@@ -65,7 +65,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from restore_cli.errors import ModelError
-from restore_cli.models.registry import Architecture, ModelSpec, StateDict, register_architecture
+from restore_cli.models.registry import (
+    Architecture,
+    ModelSpec,
+    StateDict,
+    register_architecture,
+    sequence_length,
+)
 
 LICENCE = (
     "MIT (iSEE-Laboratory/DiffUIR code and weights); this re-implementation: restore-cli's licence"
@@ -613,7 +619,7 @@ def detect_diffuir(state_dict: StateDict) -> dict[str, Any] | None:
     dim, channels = int(init.shape[0]), int(final.shape[0])
     if int(init.shape[1]) != 2 * channels:
         return None
-    levels = _sequence_length(state_dict, _KEY_PREFIX + "downs")
+    levels = sequence_length(state_dict, _KEY_PREFIX + "downs")
     widths = [state_dict.get(f"{_KEY_PREFIX}downs.{level}.3.weight") for level in range(levels)]
     if levels == 0 or any(w is None or w.shape[0] % dim for w in widths):
         return None
@@ -660,16 +666,6 @@ def _checked_config(config: Mapping[str, Any]) -> dict[str, Any]:
     kwargs = {**CONFIG_DEFAULTS, **config}
     kwargs["dim_mults"] = [int(m) for m in kwargs["dim_mults"]]
     return kwargs
-
-
-def _sequence_length(state_dict: StateDict, prefix: str) -> int:
-    start = prefix + "."
-    indices = [
-        int(head)
-        for key in state_dict
-        if key.startswith(start) and (head := key[len(start) :].split(".", 1)[0]).isdigit()
-    ]
-    return max(indices) + 1 if indices else 0
 
 
 DIFFUIR = register_architecture(

@@ -28,7 +28,13 @@ from spandrel.architectures.NAFNet import NAFNet
 from torch import nn
 
 from restore_cli.errors import ModelError
-from restore_cli.models.registry import Architecture, ModelSpec, StateDict, register_architecture
+from restore_cli.models.registry import (
+    Architecture,
+    ModelSpec,
+    StateDict,
+    register_architecture,
+    sequence_length,
+)
 
 LICENCE = "MIT (megvii-research/NAFNet; implementation from spandrel, MIT)"
 SOURCE = "https://github.com/megvii-research/NAFNet"
@@ -55,15 +61,15 @@ def detect_nafnet(state_dict: StateDict) -> dict[str, Any] | None:
         return None
     intro = state_dict["intro.weight"]
     width, img_channel = int(intro.shape[0]), int(intro.shape[1])
-    num_levels = _sequence_length(state_dict, "downs")
-    num_up_levels = _sequence_length(state_dict, "ups")
+    num_levels = sequence_length(state_dict, "downs")
+    num_up_levels = sequence_length(state_dict, "ups")
     return {
         "img_channel": img_channel,
         "width": width,
-        "middle_blk_num": _sequence_length(state_dict, "middle_blks"),
-        "enc_blk_nums": [_sequence_length(state_dict, f"encoders.{i}") for i in range(num_levels)],
+        "middle_blk_num": sequence_length(state_dict, "middle_blks"),
+        "enc_blk_nums": [sequence_length(state_dict, f"encoders.{i}") for i in range(num_levels)],
         "dec_blk_nums": [
-            _sequence_length(state_dict, f"decoders.{i}") for i in range(num_up_levels)
+            sequence_length(state_dict, f"decoders.{i}") for i in range(num_up_levels)
         ],
     }
 
@@ -98,17 +104,6 @@ def _has_nafnet_layout(state_dict: StateDict) -> bool:
     if any(key.split(".", 1)[0] not in _TOP_LEVEL_MODULES for key in state_dict):
         return False
     return any(key.endswith(_NAFBLOCK_MARKER) for key in state_dict)
-
-
-def _sequence_length(state_dict: StateDict, prefix: str) -> int:
-    """Number of entries of an ``nn.Sequential``/``ModuleList`` named ``prefix`` (max index + 1)."""
-    start = prefix + "."
-    indices = [
-        int(head)
-        for key in state_dict
-        if key.startswith(start) and (head := key[len(start) :].split(".", 1)[0]).isdigit()
-    ]
-    return max(indices) + 1 if indices else 0
 
 
 def _checked_config(config: Mapping[str, Any]) -> dict[str, Any]:

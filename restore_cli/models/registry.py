@@ -116,6 +116,18 @@ def detect_architecture(state_dict: StateDict) -> tuple[Architecture, dict[str, 
     return None
 
 
+def sequence_length(state_dict: StateDict, prefix: str) -> int:
+    """Number of entries of an ``nn.Sequential``/``ModuleList`` named ``prefix`` (max index + 1):
+    how every architecture's ``detect`` reads block counts back from a state dict."""
+    start = prefix + "."
+    indices = [
+        int(head)
+        for key in state_dict
+        if key.startswith(start) and (head := key[len(start) :].split(".", 1)[0]).isdigit()
+    ]
+    return max(indices) + 1 if indices else 0
+
+
 def architecture_names() -> list[str]:
     _import_builtin_architectures()
     return sorted(ARCHITECTURES)

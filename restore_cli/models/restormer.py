@@ -33,7 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from restore_cli.errors import ModelError
-from restore_cli.models.registry import Architecture, ModelSpec, StateDict, register_architecture
+from restore_cli.models.registry import (
+    Architecture,
+    ModelSpec,
+    StateDict,
+    register_architecture,
+    sequence_length,
+)
 
 LICENCE = (
     "Academic Public License, non-commercial use only (swz30/Restormer code and weights); "
@@ -403,17 +409,6 @@ def detect_backbone_config(state_dict: StateDict) -> dict[str, Any] | None:
         "bias": "encoder_level1.0.attn.qkv.bias" in state_dict,
         "LayerNorm_type": layernorm_type_of(state_dict, "encoder_level1.0.norm1"),
     }
-
-
-def sequence_length(state_dict: StateDict, prefix: str) -> int:
-    """Number of entries of an ``nn.Sequential`` named ``prefix`` (max index + 1)."""
-    start = prefix + "."
-    indices = [
-        int(head)
-        for key in state_dict
-        if key.startswith(start) and (head := key[len(start) :].split(".", 1)[0]).isdigit()
-    ]
-    return max(indices) + 1 if indices else 0
 
 
 def layernorm_type_of(state_dict: StateDict, norm_prefix: str) -> str:

@@ -45,8 +45,14 @@ from restore_cli.models.degradation_encoder import (
     DegradationEncoder,
     supervised_contrastive,
 )
-from restore_cli.models.registry import Architecture, ModelSpec, StateDict, register_architecture
-from restore_cli.routing import GRANULARITIES, Route
+from restore_cli.models.registry import (
+    Architecture,
+    ModelSpec,
+    StateDict,
+    register_architecture,
+    sequence_length,
+)
+from restore_cli.routing import GRANULARITIES, Route, granularity_index
 
 STAGES = ("encoder", "experts", "router")
 DEFAULT_FAMILIES = ("noise", "blur", "jpeg", "lowlight", "haze", "rain", "snow")
@@ -387,12 +393,8 @@ class UniRestorer(nn.Module):
             leaf_logits = leaf_logits.masked_fill(~self.allowed_leaves(tasks), float("-inf"))
         layer_logits = self.layer_gate(logvar).float()
         if granularity is not None:
-            if granularity not in GRANULARITIES:
-                raise ModelError(
-                    f"--granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}"
-                )
             fixed = torch.full_like(layer_logits, float("-inf"))
-            fixed[:, GRANULARITIES.index(granularity)] = 0
+            fixed[:, granularity_index(granularity)] = 0
             layer_logits = fixed
         leaf_probs, layer_probs = leaf_logits.softmax(1), layer_logits.softmax(1)
         weights = self.expert_mixture(leaf_probs, layer_probs, self.topk)
@@ -619,12 +621,11 @@ def detect_unirestorer(state_dict: StateDict) -> dict[str, Any] | None:
     """Read the config of one of our UniRestorer files back from its tensor shapes."""
     if "leaf_centres" not in state_dict or "restorer.intro.weight" not in state_dict:
         return None
-    from restore_cli.models.nafnet import _sequence_length
 
     def blocks(prefix: str, count: int) -> list[int]:
-        return [_sequence_length(state_dict, f"restorer.{prefix}.{i}") for i in range(count)]
+        return [sequence_length(state_dict, f"restorer.{prefix}.{i}") for i in range(count)]
 
-    levels = _sequence_length(state_dict, "restorer.downs")
+    levels = sequence_length(state_dict, "restorer.downs")
     leaves, embed = state_dict["leaf_centres"].shape
     num_families = state_dict["leaf_families"].shape[1]
     if num_families != len(DEFAULT_FAMILIES):
@@ -636,8 +637,8 @@ def detect_unirestorer(state_dict: StateDict) -> dict[str, Any] | None:
         "families": list(DEFAULT_FAMILIES),
         "width": int(intro.shape[0]),
         "enc_blk_nums": blocks("encoders", levels),
-        "middle_blk_num": _sequence_length(state_dict, "restorer.middle_blks"),
-        "dec_blk_nums": blocks("decoders", _sequence_length(state_dict, "restorer.ups")),
+        "middle_blk_num": sequence_length(state_dict, "restorer.middle_blks"),
+        "dec_blk_nums": blocks("decoders", sequence_length(state_dict, "restorer.ups")),
         "rank": int(first_lora.shape[1]),
         "leaves": int(leaves),
         "types": int(state_dict["type_families"].shape[0]),

@@ -41,14 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from restore_cli.errors import ModelError
 from restore_cli.models.daclip import DACLIP_VIT_B_32, DaCLIP
 from restore_cli.models.dehazeformer import DEHAZEFORMER_L, DehazeFormer
 from restore_cli.models.lora_restormer import LoRARestormer, PaddedRestormer
 from restore_cli.models.nafnet import OFFICIAL_TRAIN_SIZE, build_nafnet_local
 from restore_cli.models.registry import Architecture, ModelSpec, StateDict, register_architecture
 from restore_cli.models.retinexformer import RETINEXFORMER_UNIRESTORER, build_retinexformer
-from restore_cli.routing import GRANULARITIES, Route
+from restore_cli.routing import Route, granularity_index
 
 LICENCE = (
     "no licence (mrluin/UniRestorer @ 88b933cd: code and weights all rights reserved); "
@@ -420,11 +419,7 @@ class UniRestorerRelease(nn.Module):
         layer_probs = routing["layer_probs"].float()
         chosen = routing["granularity"]
         if granularity is not None:
-            if granularity not in GRANULARITIES:
-                raise ModelError(
-                    f"--granularity {granularity!r}: expected one of {', '.join(GRANULARITIES)}"
-                )
-            chosen = torch.full_like(chosen, GRANULARITIES.index(granularity))
+            chosen = torch.full_like(chosen, granularity_index(granularity))
         expert = self.expert_indices_dict[routing["leaf"], chosen]
         batch = image.shape[0]
         return Route(
