@@ -94,6 +94,7 @@ DELTA_END = 1.8e-3
 SUM_SCALE = 0.01  # variance of the initial noise
 BETA_START, BETA_END = 1e-4, 0.02
 DELTA_START = 1e-6
+TRAINING_STAGES = ("diffusion",)  # one objective; a stage name keeps the train loop generic
 DEFAULT_SEED = 0  # arbitrary: upstream's draw depends on its global RNG history
 
 # Fixed by the architecture: attention widths and the 2x resampling per level.
@@ -542,8 +543,16 @@ class DiffUIR(_UnetResBase):
         self.sampling_timesteps = sampling_timesteps
 
     def forward(
-        self, x: torch.Tensor, *, steps: int | None = None, seed: int | None = None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        *,
+        steps: int | None = None,
+        seed: int | None = None,
+        stage: str | None = None,
+        batch: Mapping[str, Any] | None = None,
+    ) -> Any:
+        if stage is not None:  # training goes through forward so DistributedDataParallel sees it
+            return self.training_losses(x, batch or {}, stage)
         steps = self.sampling_timesteps if steps is None else steps
         seed = DEFAULT_SEED if seed is None else seed
         height, width = x.shape[-2:]
@@ -553,6 +562,45 @@ class DiffUIR(_UnetResBase):
         noise = initial_noise((1, *x.shape[1:]), seed).expand(x.shape)
         result = ddim_sample(self.network, x, noise, steps=steps, schedule=self.schedule)
         return result.image[..., :height, :width]
+
+    # -- training (``restore-cli train``; see configs/diffuir-t.yaml) --------------------------
+    default_stage = "diffusion"  # the train loop asks the model for its losses, not an L1 on x
+
+    def set_stage(self, stage: str) -> None:
+        if stage not in TRAINING_STAGES:
+            raise ModelError(
+                f"unknown DiffUIR stage {stage!r} (valid: {', '.join(TRAINING_STAGES)})"
+            )
+
+    def loss_names(self, stage: str) -> list[str]:
+        return ["loss_l1_res"]
+
+    def training_losses(
+        self, lq: torch.Tensor, batch: Mapping[str, Any], stage: str
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The release's ``p_losses`` (objective ``pred_res``, L1): one random timestep per
+        image, x_t = x_0 + ᾱ_t·res + β̄_t·noise − δ̄_t·x_in in [-1,1], and the network predicts
+        res = x_in − x_0 from (x_t, x_in). Draws come from the global RNG, which the train loop
+        checkpoints, so resumed runs stay exact."""
+        self.set_stage(stage)
+        x_in = lq * 2 - 1
+        x_start = batch["gt"].to(lq.device, lq.dtype) * 2 - 1
+        residual = x_in - x_start
+        t = torch.randint(0, self.schedule.num_timesteps, (lq.shape[0],))
+        noise = torch.randn(x_start.shape).to(lq.device, lq.dtype)
+
+        def coefficient(values: torch.Tensor) -> torch.Tensor:
+            return values[t].to(lq.device, lq.dtype).view(-1, 1, 1, 1)
+
+        alpha = coefficient(self.schedule.alphas_cumsum)
+        beta = coefficient(self.schedule.betas_cumsum)
+        delta = coefficient(self.schedule.delta_cumsum)
+        x_t = x_start + alpha * residual + beta * noise - delta * x_in
+        times = [alpha.flatten() * self.schedule.num_timesteps]
+        times.append(beta.flatten() * self.schedule.num_timesteps)
+        pred_res = self.network(torch.cat((x_t, x_in), dim=1), times)[0]
+        loss = F.l1_loss(pred_res, residual)
+        return loss, {"loss_l1_res": loss}
 
 
 def _pad_if_too_small(x: torch.Tensor, multiple: int) -> torch.Tensor:

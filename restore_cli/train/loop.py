@@ -398,6 +398,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.elapsed_before = 0.0
         self.step = 0
+        self.stage: str | None = None  # the objective a staged model computes (setup)
         self.last_saved = -1
         self.config_changes: list[str] = []
         self.input_scores: dict[str, float] | None = None  # of the degraded val inputs
@@ -416,13 +417,15 @@ class Trainer:
         if checkpoint is None:
             for init in config.model.init:
                 self.init_notes.append(load_init_weights(module, init))
-        if config.model.stage is not None:
+        # A model with its own objective (DiffUIR's diffusion loss) names it as default_stage.
+        self.stage = config.model.stage or getattr(module, "default_stage", None)
+        if self.stage is not None:
             set_stage = getattr(module, "set_stage", None)
             if set_stage is None:
                 raise ConfigError(
                     f"config key 'model.stage': {config.model.arch} is not trained in stages"
                 )
-            set_stage(config.model.stage)
+            set_stage(self.stage)
         if config.channels_last:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
@@ -435,7 +438,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.loss = WeightedLoss(config.losses)
-        stage = config.model.stage
+        stage = self.stage
         self.loss_names = module.loss_names(stage) if stage is not None else self.loss.names
         rng_states = self.load_checkpoint(checkpoint) if checkpoint is not None else None
         self.model: nn.Module = module
@@ -616,7 +619,7 @@ class Trainer:
         gt = batch["gt"].to(self.device, non_blocking=True)
         if self.config.channels_last:
             lq = lq.contiguous(memory_format=torch.channels_last)
-        stage = self.config.model.stage
+        stage = self.stage
         with self.autocast():
             if stage is not None:  # a staged model computes its own losses
                 loss, parts = self.model(lq, stage=stage, batch=batch)
