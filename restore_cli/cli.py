@@ -17,6 +17,7 @@ import typer
 
 from restore_cli import __version__
 from restore_cli.errors import ConfigError, RestoreCliError
+from restore_cli.io.shard import parse_shard
 
 EXIT_USAGE = 2
 T = TypeVar("T")
@@ -73,6 +74,13 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 PrecisionOption = Annotated[Precision, typer.Option(help="auto = bf16/fp16 on CUDA.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")]
 DebugOption = Annotated[bool, typer.Option(help="Show tracebacks.")]
+ShardOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="I/N",
+        help="Only shard I of N (0-based) of the files, split stably by path: for job arrays.",
+    ),
+]
 
 
 def run_guarded(debug: bool, feature: Callable[[], T]) -> T:
@@ -170,6 +178,7 @@ def restore(
         int, typer.Option(min=1, help="Refuse images with more pixels (decompression bombs).")
     ] = 200_000_000,
     jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.")] = 95,
+    shard: ShardOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Restore images and write them to the output folder, with a CSV of what was done."""
@@ -203,6 +212,7 @@ def restore(
             quiet=quiet,
             max_pixels=max_pixels,
             jpeg_quality=jpeg_quality,
+            shard=parse_shard(shard),
         )
         loaded = load_requested_model(model, weights)
         streams = Streams(stdin=sys.stdin if "-" in inputs else None)
@@ -248,8 +258,11 @@ def route(
         ),
     ],
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="Routes CSV; - writes it to stdout.")
-    ] = Path("routes.csv"),
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="Routes CSV; - writes it to stdout. [default: routes.csv]"
+        ),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option("--model", help="A mixture-of-experts model [default: the default model]."),
@@ -263,15 +276,21 @@ def route(
         bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")
     ] = False,
     quiet: QuietOption = False,
+    shard: ShardOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Estimate each image's degradations and the experts the model would use, as CSV."""
     from restore_cli.routing import RouteOptions, run_route
 
     def feature() -> int:
+        shards = parse_shard(shard)
+        csv_path = output
+        if output is None:  # the default name, per shard when sharded
+            csv_path = Path("routes.csv") if shards is None else shards.tag(Path("routes.csv"))
         options = RouteOptions(
             inputs=inputs,
-            csv_path=None if str(output) == "-" else output,
+            csv_path=None if str(csv_path) == "-" else csv_path,
+            shard=shards,
             mode=mode.value,
             tasks=split_tasks(task),
             granularity=granularity.value if granularity else None,
@@ -363,6 +382,7 @@ def synthesize(
     ] = False,
     recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = True,
     quiet: QuietOption = False,
+    shard: ShardOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Make degraded/clean pairs (OUT/lq, OUT/gt, OUT/metadata.csv) from clean photos."""
@@ -391,6 +411,7 @@ def synthesize(
             preview=preview,
             recursive=recursive,
             quiet=quiet,
+            shard=parse_shard(shard),
         )
         return run(options)
 

@@ -40,6 +40,7 @@ from restore_cli.io.image import (
     resize_alpha,
     write_image,
 )
+from restore_cli.io.shard import Shard
 from restore_cli.io.signals import terminate_as_interrupt
 from restore_cli.models.registry import LoadedModel, apply_mode, apply_sampling
 from restore_cli.progress import BatchProgress
@@ -77,6 +78,7 @@ class RestoreOptions:
     jpeg_quality: int = 95
     readers: int = 2
     writers: int = 2
+    shard: Shard | None = None  # only this shard's files (job arrays); None = all
 
 
 class ClaimedElsewhere(Exception):
@@ -122,6 +124,8 @@ class RestoreRun:
         apply_sampling(model, options.steps, options.seed)
         self.engine = Engine(model, options.engine)
         csv_path = options.csv_path or options.output_dir / RUN_CSV_NAME
+        if options.shard is not None and options.csv_path is None:
+            csv_path = options.shard.tag(csv_path)  # shards share the output folder
         json_stream = self.streams.stdout if options.json else None
         extra = [f"route_{c}" for c in ROUTE_COLUMNS] if model.spec.routed else []
         self.log = RunLog(csv_path, json_stream, extra)
@@ -140,13 +144,18 @@ class RestoreRun:
             stdin=self.streams.stdin,
             exclude=options.output_dir,
         )
-        return plan_jobs(
+        jobs = plan_jobs(
             sources,
             options.output_dir,
             ext=options.ext,
             suffix=options.suffix,
             overwrite=options.overwrite,
         )
+        if options.shard is None:
+            return jobs
+        # Keyed by the output path: inputs that collide on one output share a shard.
+        shard = options.shard
+        return [job for job in jobs if shard.owns(job.output.relative_to(options.output_dir))]
 
     def read(self, job: Job) -> tuple[DecodedImage, float]:
         """Claim the output, then decode the input (in a reader thread)."""

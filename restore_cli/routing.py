@@ -23,6 +23,7 @@ from restore_cli.errors import ModelError, RestoreCliError, one_line, with_file
 from restore_cli.io.atomic import atomic_path
 from restore_cli.io.discover import Source, expand_inputs
 from restore_cli.io.image import MAX_PIXELS_DEFAULT, DecodedImage, read_image
+from restore_cli.io.shard import Shard
 from restore_cli.models.registry import LoadedModel, apply_mode
 
 GRANULARITIES = ("all", "type", "degree")
@@ -109,6 +110,7 @@ class RouteOptions:
     quiet: bool = False
     max_pixels: int = MAX_PIXELS_DEFAULT
     readers: int = 2
+    shard: Shard | None = None  # only this shard's images (job arrays); None = all
 
 
 def run_route(
@@ -129,6 +131,8 @@ def run_route(
     device = resolve_device(options.device)
     model.module.to(device).eval()
     sources = expand_inputs(options.inputs, recursive=options.recursive, stdin=stdin)
+    if options.shard is not None:
+        sources = [source for source in sources if options.shard.owns(source.relative)]
     failed = 0
     readers = ThreadPoolExecutor(options.readers, thread_name_prefix="read")
     with contextlib.ExitStack() as stack:

@@ -58,6 +58,7 @@ from restore_cli.errors import (
 from restore_cli.io.atomic import atomic_write_bytes, remove_stale_temp_files
 from restore_cli.io.discover import expand_inputs
 from restore_cli.io.image import MAX_PIXELS_DEFAULT, ImageExtras, read_image, write_image
+from restore_cli.io.shard import Shard
 from restore_cli.io.signals import terminate_as_interrupt
 from restore_cli.progress import BatchProgress
 
@@ -84,6 +85,7 @@ class SynthesizeOptions:
     recursive: bool = True
     quiet: bool = False
     max_pixels: int = MAX_PIXELS_DEFAULT
+    shard: Shard | None = None  # only this shard's clean images (job arrays); None = all
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,8 @@ def plan_pairs(options: SynthesizeOptions) -> tuple[list[PairJob], list[str]]:
     )
     jobs, errors = [], []
     for source in sources:
+        if options.shard is not None and not options.shard.owns(source.relative):
+            continue  # all pairs of one clean image (and its errors) belong to one shard
         if source.error:
             errors.append(f"{source.path}: {source.error}")
             continue
@@ -309,6 +313,13 @@ def write_metadata(path: Path, rows: list[dict[str, object]]) -> None:
     atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
 
 
+def metadata_path(options: SynthesizeOptions) -> Path:
+    """``OUT/metadata.csv``; a shard writes its own rows to ``metadata.shard-I-of-N.csv`` (a
+    final run without ``--shard`` finds every pair made and writes the whole table quickly)."""
+    path = options.output_dir / METADATA_NAME
+    return path if options.shard is None else options.shard.tag(path)
+
+
 def synthesize(options: SynthesizeOptions, stderr: TextIO = sys.stderr) -> int:
     """Make every missing pair, then metadata.csv (and preview.png); returns the exit code."""
     started = time.perf_counter()
@@ -323,7 +334,7 @@ def synthesize(options: SynthesizeOptions, stderr: TextIO = sys.stderr) -> int:
     progress = BatchProgress.for_stream(len(jobs), options.quiet, stderr)
     try:
         with terminate_as_interrupt(), warnings_as_lines(stderr):
-            if options.preview and jobs:
+            if options.preview and jobs and (options.shard is None or options.shard.index == 0):
                 write_preview(options, jobs[0].source)
             with progress:
                 for job, future in run_pairs(jobs, options):
@@ -339,7 +350,7 @@ def synthesize(options: SynthesizeOptions, stderr: TextIO = sys.stderr) -> int:
     except KeyboardInterrupt:
         interrupted = True
     if not interrupted:
-        write_metadata(options.output_dir / METADATA_NAME, rows)
+        write_metadata(metadata_path(options), rows)
     made = sum(row["_status"] == "ok" for row in rows)
     if not options.quiet:
         seconds = time.perf_counter() - started
