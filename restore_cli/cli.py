@@ -50,6 +50,11 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class OutputExt(str, Enum):
     same = "same"
     png = "png"
@@ -179,10 +184,24 @@ def restore(
     ] = 200_000_000,
     jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.")] = 95,
     shard: ShardOption = None,
+    engine: Annotated[
+        Engine, typer.Option(help="local: this process; ray: the workers of a Ray cluster.")
+    ] = Engine.local,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="--engine ray: auto (the running cluster) or HOST:PORT."),
+    ] = None,
+    gpus_per_worker: Annotated[
+        float, typer.Option(min=0, help="--engine ray: GPUs per model copy (0 = CPU workers).")
+    ] = 0.0,
+    ray_workers: Annotated[
+        int | None, typer.Option(min=1, help="--engine ray: model copies [default: all slots].")
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Restore images and write them to the output folder, with a CSV of what was done."""
     from restore_cli.engine import EngineOptions
+    from restore_cli.models.loading import load_model
     from restore_cli.restore import RestoreOptions, RestoreRun, Streams
 
     def feature() -> int:
@@ -214,9 +233,19 @@ def restore(
             jpeg_quality=jpeg_quality,
             shard=parse_shard(shard),
         )
-        loaded = load_requested_model(model, weights)
+        name = requested_model_name(model)
+        loaded = load_model(name, weights=weights)
         streams = Streams(stdin=sys.stdin if "-" in inputs else None)
-        return RestoreRun(options, loaded, streams).run()
+        if engine is Engine.local:
+            return RestoreRun(options, loaded, streams).run()
+        from restore_cli.distributed import RayOptions, RayRestoreRun
+
+        ray_options = RayOptions(ray_address, gpus_per_worker, ray_workers)
+        # Actors load the model themselves: a file by its absolute path (shared filesystem).
+        model_ref = str(Path(name).absolute()) if Path(name).is_file() else name
+        if weights is not None:
+            options.weights = weights.absolute()
+        return RayRestoreRun(options, loaded, model_ref, ray_options, streams).run()
 
     raise typer.Exit(run_interruptible(debug, feature))
 
@@ -233,20 +262,25 @@ def run_interruptible(debug: bool, feature: Callable[[], int]) -> int:
         return 130
 
 
-def load_requested_model(name: str | None, weights: Path | None):
+def requested_model_name(name: str | None) -> str:
     """``--model`` as given, or the default entry of weights.yaml."""
-    from restore_cli.models.loading import load_model
     from restore_cli.weights import default_entry
 
-    if name is None:
-        entry = default_entry()
-        if entry is None:
-            raise RestoreCliError(
-                "no default model is shipped in this version yet; pass --model NAME or "
-                "--model PATH (see `restore-cli models`)"
-            )
-        name = entry.name
-    return load_model(name, weights=weights)
+    if name is not None:
+        return name
+    entry = default_entry()
+    if entry is None:
+        raise RestoreCliError(
+            "no default model is shipped in this version yet; pass --model NAME or "
+            "--model PATH (see `restore-cli models`)"
+        )
+    return entry.name
+
+
+def load_requested_model(name: str | None, weights: Path | None):
+    from restore_cli.models.loading import load_model
+
+    return load_model(requested_model_name(name), weights=weights)
 
 
 @app.command()

@@ -109,53 +109,54 @@ def prefetch(
         yield pending.popleft()
 
 
-class RestoreRun:
-    """State of one `restore` invocation; :meth:`run` returns the exit code."""
+class JobRunner:
+    """Restores planned jobs: claim → read (threads) → engine → write (threads), in job order.
 
-    def __init__(
-        self, options: RestoreOptions, model: LoadedModel, streams: Streams | None = None
-    ) -> None:
-        if options.max_pixels < 1:
-            raise ConfigError(f"--max-pixels {options.max_pixels}: must be at least 1")
+    The unit of work both engines share: the local driver (:class:`RestoreRun`) runs one over
+    the whole job list; with ``--engine ray`` every worker actor runs one over its batches
+    (restore_cli.distributed), so outputs and CSV rows are the same either way.
+    """
+
+    def __init__(self, options: RestoreOptions, model: LoadedModel) -> None:
+        check_options(options)
         self.options = options
-        self.streams = streams or Streams()
         self.model = model
         apply_mode(model, options.mode, options.tasks, options.granularity)
         apply_sampling(model, options.steps, options.seed)
         self.engine = Engine(model, options.engine)
-        csv_path = options.csv_path or options.output_dir / RUN_CSV_NAME
-        if options.shard is not None and options.csv_path is None:
-            csv_path = options.shard.tag(csv_path)  # shards share the output folder
-        json_stream = self.streams.stdout if options.json else None
-        extra = [f"route_{c}" for c in ROUTE_COLUMNS] if model.spec.routed else []
-        self.log = RunLog(csv_path, json_stream, extra)
-        self.print_paths = not options.json and not self.streams.stdout.isatty()
         self._writes: deque[tuple[FileRecord, Future[tuple[float, list[str]]] | None]] = deque()
         self._claims: dict[str, OutputClaim] = {}  # output path -> our claim, until finished
         self._claims_lock = threading.Lock()
-        self.progress = BatchProgress(0, enabled=False)  # replaced by run()
+        self._on_record: Callable[[FileRecord], None] = lambda record: None
 
-    # -- stages -------------------------------------------------------------------------------
-    def plan(self) -> list[Job]:
-        options = self.options
-        sources = expand_inputs(
-            options.inputs,
-            recursive=options.recursive,
-            stdin=self.streams.stdin,
-            exclude=options.output_dir,
-        )
-        jobs = plan_jobs(
-            sources,
-            options.output_dir,
-            ext=options.ext,
-            suffix=options.suffix,
-            overwrite=options.overwrite,
-        )
-        if options.shard is None:
-            return jobs
-        # Keyed by the output path: inputs that collide on one output share a shard.
-        shard = options.shard
-        return [job for job in jobs if shard.owns(job.output.relative_to(options.output_dir))]
+    def execute(self, jobs: list[Job], on_record: Callable[[FileRecord], None]) -> bool:
+        """Run ``jobs``, calling ``on_record`` once per job in job order; True if interrupted
+        (Ctrl-C / SIGTERM: files already being written finish, their rows are reported)."""
+        self._on_record = on_record
+        interrupted = False
+        readers = ThreadPoolExecutor(self.options.readers, thread_name_prefix="read")
+        writers = ThreadPoolExecutor(self.options.writers, thread_name_prefix="write")
+        try:
+            try:
+                for job, reading in prefetch(
+                    readers,
+                    self.read,
+                    jobs,
+                    2 * self.options.readers,
+                    wanted=lambda j: not (j.skip or j.error),
+                ):
+                    self.process(job, reading, writers)
+                self.drain_writes(0)
+            except KeyboardInterrupt:
+                interrupted = True
+                readers.shutdown(wait=False, cancel_futures=True)
+                self.drain_writes(0)  # files already handed to writers finish (atomically)
+        finally:
+            readers.shutdown(wait=True, cancel_futures=True)
+            writers.shutdown(wait=True)
+            for output in list(self._claims):
+                self.release(output)
+        return interrupted
 
     def read(self, job: Job) -> tuple[DecodedImage, float]:
         """Claim the output, then decode the input (in a reader thread)."""
@@ -195,75 +196,12 @@ class RestoreRun:
         return time.perf_counter() - start, notes
 
     def record(self, job: Job, **values) -> FileRecord:
-        tasks = ",".join(self.options.tasks)
-        return FileRecord(
-            input=str(job.input),
-            output=str(job.output),
-            model=self.model.name,
-            mode=self.options.mode,
-            task=tasks,
-            **values,
-        )
-
-    # -- driver -------------------------------------------------------------------------------
-    def run(self) -> int:
-        started = time.perf_counter()
-        jobs = self.plan()
-        self.remove_leftovers(jobs)
-        for notice in self.log.notices:
-            print(f"note: {notice}", file=self.streams.stderr)
-        progress = BatchProgress.for_stream(len(jobs), self.options.quiet, self.streams.stderr)
-        interrupted = False
-        readers = ThreadPoolExecutor(self.options.readers, thread_name_prefix="read")
-        writers = ThreadPoolExecutor(self.options.writers, thread_name_prefix="write")
-        try:
-            self.progress = progress
-            with terminate_as_interrupt(), warnings_as_lines(self.streams.stderr), progress:
-                try:
-                    for job, reading in prefetch(
-                        readers,
-                        self.read,
-                        jobs,
-                        2 * self.options.readers,
-                        wanted=lambda j: not (j.skip or j.error),
-                    ):
-                        self.process(job, reading, writers)
-                    self.drain_writes(0)
-                except KeyboardInterrupt:
-                    interrupted = True
-                    readers.shutdown(wait=False, cancel_futures=True)
-                    self.drain_writes(0)  # files already handed to writers finish (atomically)
-        finally:
-            readers.shutdown(wait=True, cancel_futures=True)
-            writers.shutdown(wait=True)
-            for output in list(self._claims):
-                self.release(output)
-            self.log.close()
-        if self.log.log_error:
-            print(f"error: {self.log.log_error}", file=self.streams.stderr)
-        if not self.options.quiet:
-            summary = self.log.summary(time.perf_counter() - started, interrupted)
-            print(summary, file=self.streams.stderr)
-        if interrupted:
-            return EXIT_INTERRUPTED
-        return EXIT_FAILED if self.log.failed or self.log.log_error else EXIT_OK
-
-    def remove_leftovers(self, jobs: list[Job]) -> None:
-        """Delete temp and claim files that killed runs left in the output folders."""
-        folders = {job.output.parent for job in jobs if job.output.parent.is_dir()}
-        removed = remove_stale_temp_files(sorted(folders))
-        if removed and not self.options.quiet:
-            print(
-                f"note: removed {len(removed)} temporary file(s) left by an interrupted run",
-                file=self.streams.stderr,
-            )
+        return job_record(job, self.options, self.model.name, **values)
 
     def process(self, job: Job, reading: Future | None, writers: ThreadPoolExecutor) -> None:
-        if job.error:
-            self.queue_result(self.record(job, status=STATUS_FAILED, error=job.error), None)
-            return
-        if job.skip:
-            self.queue_result(self.record(job, status=STATUS_SKIPPED, error=job.note), None)
+        planned = planned_record(job, self.options, self.model.name)
+        if planned is not None:
+            self.queue_result(planned, None)
             return
         assert reading is not None
         try:
@@ -332,6 +270,95 @@ class RestoreRun:
 
     def finish(self, record: FileRecord) -> None:
         self.release(record.output)
+        self._on_record(record)
+
+
+class RestoreRun:
+    """One local `restore` invocation: plan, run a :class:`JobRunner`, log; :meth:`run` returns
+    the exit code."""
+
+    def __init__(
+        self, options: RestoreOptions, model: LoadedModel, streams: Streams | None = None
+    ) -> None:
+        check_options(options)
+        self.options = options
+        self.streams = streams or Streams()
+        self.model = model
+        self.runner = self.make_runner()  # before the CSV: a bad option leaves no files
+        json_stream = self.streams.stdout if options.json else None
+        extra = [f"route_{c}" for c in ROUTE_COLUMNS] if model.spec.routed else []
+        self.log = RunLog(run_csv_path(options), json_stream, extra)
+        self.print_paths = not options.json and not self.streams.stdout.isatty()
+        self.progress = BatchProgress(0, enabled=False)  # replaced by run()
+
+    # -- stages -------------------------------------------------------------------------------
+    def plan(self) -> list[Job]:
+        options = self.options
+        sources = expand_inputs(
+            options.inputs,
+            recursive=options.recursive,
+            stdin=self.streams.stdin,
+            exclude=options.output_dir,
+        )
+        jobs = plan_jobs(
+            sources,
+            options.output_dir,
+            ext=options.ext,
+            suffix=options.suffix,
+            overwrite=options.overwrite,
+        )
+        if options.shard is None:
+            return jobs
+        # Keyed by the output path: inputs that collide on one output share a shard.
+        shard = options.shard
+        return [job for job in jobs if shard.owns(job.output.relative_to(options.output_dir))]
+
+    # -- driver -------------------------------------------------------------------------------
+    def run(self) -> int:
+        started = time.perf_counter()
+        jobs = self.plan()
+        self.remove_leftovers(jobs)
+        for notice in self.log.notices:
+            print(f"note: {notice}", file=self.streams.stderr)
+        self.progress = BatchProgress.for_stream(len(jobs), self.options.quiet, self.streams.stderr)
+        try:
+            with terminate_as_interrupt(), warnings_as_lines(self.streams.stderr), self.progress:
+                interrupted = self.execute(jobs)
+        finally:
+            self.log.close()
+        return self.summarise(started, interrupted)
+
+    def make_runner(self) -> JobRunner | None:
+        return JobRunner(self.options, self.model)
+
+    def execute(self, jobs: list[Job]) -> bool:
+        """Restore the planned jobs here, reporting each; True if interrupted."""
+        assert self.runner is not None
+        return self.runner.execute(jobs, self.report)
+
+    def summarise(self, started: float, interrupted: bool) -> int:
+        """Print the summary line; the exit code of the run."""
+        if self.log.log_error:
+            print(f"error: {self.log.log_error}", file=self.streams.stderr)
+        if not self.options.quiet:
+            summary = self.log.summary(time.perf_counter() - started, interrupted)
+            print(summary, file=self.streams.stderr)
+        if interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if self.log.failed or self.log.log_error else EXIT_OK
+
+    def remove_leftovers(self, jobs: list[Job]) -> None:
+        """Delete temp and claim files that killed runs left in the output folders."""
+        folders = {job.output.parent for job in jobs if job.output.parent.is_dir()}
+        removed = remove_stale_temp_files(sorted(folders))
+        if removed and not self.options.quiet:
+            print(
+                f"note: removed {len(removed)} temporary file(s) left by an interrupted run",
+                file=self.streams.stderr,
+            )
+
+    def report(self, record: FileRecord) -> None:
+        """One finished job: CSV row, error line or output path, progress."""
         self.log.add(record)
         if record.status == STATUS_FAILED:
             self.progress.print_error(record.error, self.streams.stderr)
@@ -341,3 +368,37 @@ class RestoreRun:
         if record.status == STATUS_OK and record.height:
             megapixels = int(record.height) * int(record.width) / 1e6
         self.progress.advance(megapixels)
+
+
+def job_record(job: Job, options: RestoreOptions, model_name: str, **values) -> FileRecord:
+    return FileRecord(
+        input=str(job.input),
+        output=str(job.output),
+        model=model_name,
+        mode=options.mode,
+        task=",".join(options.tasks),
+        **values,
+    )
+
+
+def planned_record(job: Job, options: RestoreOptions, model_name: str) -> FileRecord | None:
+    """The row of a job settled at planning time (an early error, a skip); None if it needs
+    the model."""
+    if job.error:
+        return job_record(job, options, model_name, status=STATUS_FAILED, error=job.error)
+    if job.skip:
+        return job_record(job, options, model_name, status=STATUS_SKIPPED, error=job.note)
+    return None
+
+
+def check_options(options: RestoreOptions) -> None:
+    if options.max_pixels < 1:
+        raise ConfigError(f"--max-pixels {options.max_pixels}: must be at least 1")
+
+
+def run_csv_path(options: RestoreOptions) -> Path:
+    """``--csv``, else OUT/restore_run.csv (per shard when sharded: shards share OUT)."""
+    if options.csv_path is not None:
+        return options.csv_path
+    path = options.output_dir / RUN_CSV_NAME
+    return path if options.shard is None else options.shard.tag(path)

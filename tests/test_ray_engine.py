@@ -1,0 +1,79 @@
+"""restore --engine ray: a local Ray cluster gives the local engine's outputs and CSV rows."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from restore_cli.cli import app
+from tests.test_restore_cli import tiny_nafnet_file
+from tests.test_synthesize import tree_bytes
+
+
+def restore(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["restore", *args, "--quiet", "--device", "cpu"])
+    return result.exit_code, result.output
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+
+def test_missing_ray_is_a_one_line_usage_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    code, output = restore(str(tmp_path), "-o", str(tmp_path / "out"), "--model", "identity",
+                           "--engine", "ray")  # fmt: skip
+    assert code == 2
+    assert "--engine ray needs Ray Data: pip install 'restore-cli[ray]'" in output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_engine_matches_the_local_engine(ray_cluster, tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(7):
+        name = f"sub/p{index}.png" if index % 3 == 0 else f"p{index}.png"
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "broken.png").write_text("not an image")
+    tiny_nafnet_file(tmp_path / "m.safetensors")
+    monkeypatch.chdir(tmp_path)  # relative paths in, as users type them
+    local, remote = Path("local"), Path("remote")
+    (remote / "sub").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(remote / "p1.png")
+    (local / "sub").mkdir(parents=True)
+    (local / "p1.png").write_bytes((remote / "p1.png").read_bytes())  # skipped by both
+
+    args = ["in", "-r", "--model", "m.safetensors"]
+    assert restore(*args, "-o", str(local))[0] == 1  # the broken file
+    code, output = restore(*args, "-o", str(remote), "--engine", "ray", "--ray-workers", "2")
+    assert code == 1, output
+    assert tree_bytes(remote).keys() == tree_bytes(local).keys()
+    for name, data in tree_bytes(local).items():
+        if not name.endswith(".csv"):
+            assert tree_bytes(remote)[name] == data, name
+    local_rows = rows(local / "restore_run.csv")
+    remote_rows = rows(remote / "restore_run.csv")
+    for row in local_rows + remote_rows:
+        row["output"] = Path(row["output"]).relative_to(Path(row["output"]).parts[0]).as_posix()
+    assert remote_rows == local_rows
+    assert [row["status"] for row in local_rows].count("ok") == 6
+    # A rerun on the cluster finds everything done.
+    assert restore(*args, "-o", str(remote), "--engine", "ray")[0] == 1
+    assert {row["status"] for row in rows(remote / "restore_run.csv")} == {"skipped", "failed"}
