@@ -64,6 +64,15 @@ class OutputExt(str, Enum):
 
 
 # Options shared by several commands, declared once.
+EngineOption = Annotated[
+    Engine, typer.Option(help="local: this process; ray: the workers of a Ray cluster.")
+]
+RayAddressOption = Annotated[
+    str | None, typer.Option(help="--engine ray: auto (the running cluster) or HOST:PORT.")
+]
+RayWorkersOption = Annotated[
+    int | None, typer.Option(min=1, help="--engine ray: parallel workers [default: all CPUs].")
+]
 WeightsOption = Annotated[
     Path | None, typer.Option("--weights", help="Use this file for the named model.")
 ]
@@ -184,19 +193,12 @@ def restore(
     ] = 200_000_000,
     jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.")] = 95,
     shard: ShardOption = None,
-    engine: Annotated[
-        Engine, typer.Option(help="local: this process; ray: the workers of a Ray cluster.")
-    ] = Engine.local,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(help="--engine ray: auto (the running cluster) or HOST:PORT."),
-    ] = None,
+    engine: EngineOption = Engine.local,
+    ray_address: RayAddressOption = None,
     gpus_per_worker: Annotated[
         float, typer.Option(min=0, help="--engine ray: GPUs per model copy (0 = CPU workers).")
     ] = 0.0,
-    ray_workers: Annotated[
-        int | None, typer.Option(min=1, help="--engine ray: model copies [default: all slots].")
-    ] = None,
+    ray_workers: RayWorkersOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Restore images and write them to the output folder, with a CSV of what was done."""
@@ -417,6 +419,9 @@ def synthesize(
     recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = True,
     quiet: QuietOption = False,
     shard: ShardOption = None,
+    engine: EngineOption = Engine.local,
+    ray_address: RayAddressOption = None,
+    ray_workers: RayWorkersOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Make degraded/clean pairs (OUT/lq, OUT/gt, OUT/metadata.csv) from clean photos."""
@@ -447,6 +452,11 @@ def synthesize(
             quiet=quiet,
             shard=parse_shard(shard),
         )
+        if engine is Engine.ray:
+            from restore_cli.distributed import RayOptions, import_ray
+
+            import_ray()  # a missing extra is a usage error before anything is written
+            options.ray = RayOptions(ray_address, workers=ray_workers)
         return run(options)
 
     raise typer.Exit(run_interruptible(debug, feature))

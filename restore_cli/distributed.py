@@ -1,4 +1,4 @@
-"""``restore --engine ray``: the same restore on a Ray cluster, through Ray Data.
+"""``--engine ray``: `restore` and `synthesize` on a Ray cluster, through Ray Data.
 
 Ray Data rather than our own scheduler: it already places actors on nodes by their CPUs and
 GPUs, streams batches to them with back-pressure, and restarts work lost with a node. What runs
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from restore_cli.io.discover import Job
 from restore_cli.models.registry import LoadedModel, apply_mode, apply_sampling
 from restore_cli.report import FileRecord
 from restore_cli.restore import JobRunner, RestoreOptions, RestoreRun, Streams, planned_record
+from restore_cli.synthesize import PairJob, SynthesizeOptions, make_pair_reported
 
 JOBS_PER_BATCH = 4  # files per actor call: small, so progress and the CSV advance steadily
 
@@ -105,17 +108,7 @@ class RayRestoreRun(RestoreRun):
         return False
 
     def restore_remotely(self, work: list[Job]) -> Iterator[FileRecord]:
-        ray = import_ray()
-        if not ray.is_initialized():
-            ray.init(
-                address=self.ray_options.address,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True  # the CSV is in input order
-        context.enable_progress_bars = False  # our own progress line reports files
+        ray = start_ray(self.ray_options)
         items = [
             {"input": str(job.input.absolute()), "output": str(job.output.absolute())}
             for job in work
@@ -142,13 +135,76 @@ class RayRestoreRun(RestoreRun):
             yield as_planned(FileRecord(**json.loads(row["record"])), job)
 
     def actor_count(self, ray: Any, jobs: int) -> int:
-        if self.ray_options.workers is not None:
-            return self.ray_options.workers
-        resources = ray.cluster_resources()
-        gpus = self.ray_options.gpus_per_worker
-        slots = resources.get("GPU", 0) / gpus if gpus > 0 else resources.get("CPU", 1)
-        batches = -(-jobs // JOBS_PER_BATCH)
-        return max(1, min(int(slots), batches))
+        return worker_count(ray, self.ray_options, jobs)
+
+
+def start_ray(ray_options: RayOptions) -> Any:
+    """Join (or start) Ray once per process; Ray Data keeps results in input order."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        ray.init(
+            address=ray_options.address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # CSVs are in input order
+    context.enable_progress_bars = False  # our own progress line reports files
+    return ray
+
+
+def worker_count(ray: Any, ray_options: RayOptions, jobs: int) -> int:
+    """``--ray-workers``, else one per CPU (or per ``--gpus-per-worker``), at most one per batch."""
+    if ray_options.workers is not None:
+        return ray_options.workers
+    resources = ray.cluster_resources()
+    gpus = ray_options.gpus_per_worker
+    slots = resources.get("GPU", 0) / gpus if gpus > 0 else resources.get("CPU", 1)
+    return max(1, min(int(slots), -(-jobs // JOBS_PER_BATCH)))
+
+
+# ----------------------------------------------------------------------------- synthesize
+
+
+def make_pairs_batch(batch: dict[str, Any], options: SynthesizeOptions) -> dict[str, list[bytes]]:
+    """A Ray Data task: make each pair of the batch exactly as a local worker does."""
+    import torch
+
+    torch.set_num_threads(1)
+    results = [make_pair_reported(pickle.loads(job), options) for job in batch["job"]]
+    return {"result": [pickle.dumps(result) for result in results]}
+
+
+def pairs_on_ray(
+    jobs: list[PairJob], options: SynthesizeOptions, ray_options: RayOptions
+) -> Iterator[tuple[PairJob, Future]]:
+    """`synthesize --engine ray`: the pairs made by Ray tasks, yielded in job order like the
+    local :func:`~restore_cli.synthesize.run_pairs` (the same function makes each pair, so
+    the bytes are the same). Jobs travel pickled: they are ours, inside our own cluster."""
+    if not jobs:
+        return
+    ray = start_ray(ray_options)
+    remote_options = replace(options, output_dir=options.output_dir.absolute(), ray=None)
+    items = [{"job": pickle.dumps(replace(job, source=job.source.absolute()))} for job in jobs]
+    dataset = ray.data.from_items(items).map_batches(
+        make_pairs_batch,
+        fn_kwargs={"options": remote_options},
+        batch_size=JOBS_PER_BATCH,
+        compute=ray.data.TaskPoolStrategy(size=worker_count(ray, ray_options, len(jobs))),
+        num_cpus=1,
+        udf_modifying_row_count=False,
+    )
+    renames = {str(job.source.absolute()): str(job.source) for job in jobs}
+    renames[str(remote_options.output_dir)] = str(options.output_dir)
+    for job, row in zip(jobs, dataset.iter_rows(), strict=True):
+        pair_row, message = pickle.loads(row["result"])
+        if message is not None:  # name the files as the user gave them, like a local run
+            for absolute, given in renames.items():
+                message = message.replace(absolute, given)
+        future: Future = Future()
+        future.set_result((pair_row, message))
+        yield job, future
 
 
 def as_planned(record: FileRecord, job: Job) -> FileRecord:

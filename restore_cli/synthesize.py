@@ -15,6 +15,7 @@ alone, which stops submitting, lets running pairs finish and prints the summary.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import signal
@@ -25,7 +26,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 import torch
@@ -62,6 +63,9 @@ from restore_cli.io.shard import Shard
 from restore_cli.io.signals import terminate_as_interrupt
 from restore_cli.progress import BatchProgress
 
+if TYPE_CHECKING:  # distributed imports the restore engine; only `--engine ray` needs it
+    from restore_cli.distributed import RayOptions
+
 METADATA_NAME = "metadata.csv"
 PREVIEW_NAME = "preview.png"
 METADATA_COLUMNS = [
@@ -86,6 +90,7 @@ class SynthesizeOptions:
     quiet: bool = False
     max_pixels: int = MAX_PIXELS_DEFAULT
     shard: Shard | None = None  # only this shard's clean images (job arrays); None = all
+    ray: RayOptions | None = None  # make the pairs on a Ray cluster (--engine ray)
 
 
 @dataclass(frozen=True)
@@ -252,6 +257,19 @@ def png_extras(bit_depth: int) -> ImageExtras:
     return ImageExtras("PNG", "RGB", bit_depth, False, None, None, None)
 
 
+PairResult = tuple[dict[str, object] | None, str | None]  # (metadata row, or one error line)
+
+
+def make_pair_reported(job: PairJob, options: SynthesizeOptions) -> PairResult:
+    """:func:`make_pair` with its failure as the one line the user sees (any engine)."""
+    try:
+        return make_pair(job, options), None
+    except ImageWriteError as error:  # names the output it could not write
+        return None, one_line(error)
+    except Exception as error:
+        return None, with_file(job.source, one_line(error))
+
+
 def make_pair(job: PairJob, options: SynthesizeOptions) -> dict[str, object]:
     """Read, crop, degrade and write one pair (skipping it if both files exist)."""
     out = options.output_dir
@@ -291,16 +309,13 @@ def run_pairs(jobs: list[PairJob], options: SynthesizeOptions) -> Iterator[tuple
     if options.workers <= 1:
         for job in jobs:
             future: Future = Future()
-            try:
-                future.set_result(make_pair(job, options))
-            except Exception as error:  # reported per pair by the caller
-                future.set_exception(error)
+            future.set_result(make_pair_reported(job, options))
             yield job, future
         return
     context = get_context("spawn")  # fork after torch has started threads can deadlock
     pool = ProcessPoolExecutor(options.workers, mp_context=context, initializer=_init_worker)
     try:
-        yield from [(job, pool.submit(make_pair, job, options)) for job in jobs]
+        yield from [(job, pool.submit(make_pair_reported, job, options)) for job in jobs]
     finally:  # on Ctrl-C: queued pairs are dropped, running ones finish (writes are atomic)
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -324,6 +339,11 @@ def synthesize(options: SynthesizeOptions, stderr: TextIO = sys.stderr) -> int:
     """Make every missing pair, then metadata.csv (and preview.png); returns the exit code."""
     started = time.perf_counter()
     resolve_device(options.device)  # a clear error now rather than one per pair
+    pairs = run_pairs
+    if options.ray is not None:
+        from restore_cli.distributed import pairs_on_ray
+
+        pairs = functools.partial(pairs_on_ray, ray_options=options.ray)
     jobs, errors = plan_pairs(options)
     for line in errors:
         print(f"error: {line}", file=stderr)
@@ -337,15 +357,16 @@ def synthesize(options: SynthesizeOptions, stderr: TextIO = sys.stderr) -> int:
             if options.preview and jobs and (options.shard is None or options.shard.index == 0):
                 write_preview(options, jobs[0].source)
             with progress:
-                for job, future in run_pairs(jobs, options):
+                for job, future in pairs(jobs, options):
                     try:
-                        rows.append(future.result())
-                    except ImageWriteError as error:  # names the output it could not write
+                        row, message = future.result()
+                    except Exception as error:  # the worker process itself died
+                        row, message = None, with_file(job.source, one_line(error))
+                    if row is not None:
+                        rows.append(row)
+                    else:
                         failed += 1
-                        progress.print_error(one_line(error), stderr)
-                    except Exception as error:
-                        failed += 1
-                        progress.print_error(with_file(job.source, one_line(error)), stderr)
+                        progress.print_error(message or "failed", stderr)
                     progress.advance()
     except KeyboardInterrupt:
         interrupted = True

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from restore_cli.cli import app
 from tests.test_restore_cli import tiny_nafnet_file
-from tests.test_synthesize import tree_bytes
+from tests.test_synthesize import clean, options, tree_bytes  # noqa: F401 - fixture
 
 
 def restore(*args: str) -> tuple[int, str]:
@@ -77,3 +77,14 @@ def test_ray_engine_matches_the_local_engine(ray_cluster, tmp_path, monkeypatch)
     # A rerun on the cluster finds everything done.
     assert restore(*args, "-o", str(remote), "--engine", "ray")[0] == 1
     assert {row["status"] for row in rows(remote / "restore_run.csv")} == {"skipped", "failed"}
+
+
+def test_synthesize_on_ray_makes_the_same_bytes(ray_cluster, clean, tmp_path):  # noqa: F811
+    from restore_cli.distributed import RayOptions
+    from restore_cli.synthesize import synthesize
+
+    (clean / "broken.png").write_text("not an image")
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert synthesize(options(clean, local)) == 1
+    assert synthesize(options(clean, remote, ray=RayOptions(workers=2))) == 1
+    assert tree_bytes(remote) == tree_bytes(local)  # pairs and metadata.csv
