@@ -95,3 +95,18 @@ def test_synthesize_shards_make_the_same_pairs_and_a_final_run_writes_all_metada
     assert tree_bytes(sharded / "lq") == tree_bytes(whole / "lq")
     assert tree_bytes(sharded / "gt") == tree_bytes(whole / "gt")
     assert (sharded / METADATA_NAME).read_bytes() == (whole / METADATA_NAME).read_bytes()
+
+
+def test_route_shards_cover_every_input_once_with_a_table_each(tmp_path, monkeypatch):
+    from tests.test_unirestorer import fitted_model, save_tiny, write_photos
+
+    weights = save_tiny(tmp_path / "tiny.safetensors", fitted_model())
+    photos = write_photos(tmp_path / "in")
+    monkeypatch.chdir(tmp_path)  # the default table name lands here
+    for index in range(2):
+        args = ["route", str(photos), "--model", str(weights), "--device", "cpu", "-q"]
+        assert CliRunner().invoke(app, [*args, "--shard", f"{index}/2"]).exit_code == 0
+    tables = [rows(tmp_path / f"routes.shard-{index}-of-2.csv") for index in range(2)]
+    names = sorted(Path(row["input"]).name for table in tables for row in table)
+    assert names == sorted(p.name for p in photos.iterdir())
+    assert not (tmp_path / "routes.csv").exists()
