@@ -8,7 +8,13 @@ import torch
 from restore_cli.degradations import DEGRADATIONS
 from restore_cli.engine import Engine, EngineOptions
 from restore_cli.models.loading import load_model
-from restore_cli.weights import default_entry, entry_status, shipped_path
+from restore_cli.models.registry import apply_sampling
+from restore_cli.weights import (
+    default_entry,
+    entry_status,
+    load_weights_registry,
+    shipped_path,
+)
 
 MAX_FILE_BYTES = 15 * 2**20
 
@@ -41,3 +47,21 @@ def test_default_model_removes_noise_from_a_photo_like_image():
     engine = Engine(load_model(default_entry().name), EngineOptions(device="cpu"))
     restored, _ = engine.restore(noisy)
     assert psnr(restored, clean) > psnr(noisy, clean) + 3.0
+
+
+def test_every_shipped_model_is_verified_small_and_runs():
+    """All weights inside the package: present, sha256-checked, ≤ 15 MiB each, ≤ 40 MiB in all
+    (the tree travels to GPU machines), and each restores a small image through the engine."""
+    shipped = [entry for entry in load_weights_registry().values() if entry.file is not None]
+    assert {"unirestorer", "nafnet-allinone-s", "diffuir-t"} <= {e.name for e in shipped}
+    sizes = [shipped_path(entry).stat().st_size for entry in shipped]
+    assert max(sizes) <= MAX_FILE_BYTES and sum(sizes) <= 40 * 2**20
+    image = np.random.default_rng(0).random((40, 48, 3), dtype=np.float32)
+    for entry in shipped:
+        assert entry_status(entry) == "shipped"
+        loaded = load_model(entry.name)  # verifies the sha256
+        assert loaded.spec.arch == entry.arch
+        if loaded.spec.sampled:
+            apply_sampling(loaded, 1, 7)  # one step keeps the test fast
+        restored, _ = Engine(loaded, EngineOptions(device="cpu")).restore(image)
+        assert restored.shape == image.shape and np.isfinite(restored).all(), entry.name
