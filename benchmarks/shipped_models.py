@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.unirestorer import build_sets, load_pairs, scores
+from benchmarks.unirestorer import build_sets, load_pairs, print_set_table, scores
 from restore_cli.engine import Engine, EngineOptions
 from restore_cli.models.loading import load_model
 from restore_cli.models.registry import apply_sampling
@@ -68,26 +68,8 @@ def main() -> None:
     arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     summary = {"sets": results, "seconds": seconds, "args": arguments}
     (args.out / "shipped_models.json").write_text(json.dumps(summary, indent=1))
-    print_table(results, columns)
+    print_set_table(results, columns)
     print("\nrestore seconds per model:", {k: round(v, 1) for k, v in seconds.items()})
-
-
-def print_table(rows: dict[str, dict[str, float]], columns: list[str]) -> None:
-    print("\n| set | " + " | ".join(columns) + " |")
-    print("|---|" + "---|" * len(columns))
-    for name, means in rows.items():
-        cells = [f"{means[c + '_psnr']:.2f} / {means[c + '_ssim']:.3f}" for c in columns]
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    for label, names in (
-        ("mean, single types", [n for n in rows if "+" not in n]),
-        ("mean, mixtures", [n for n in rows if "+" in n]),
-    ):
-        cells = [
-            f"{np.mean([rows[n][c + '_psnr'] for n in names]):.2f} / "
-            f"{np.mean([rows[n][c + '_ssim'] for n in names]):.3f}"
-            for c in columns
-        ]
-        print(f"| **{label}** | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

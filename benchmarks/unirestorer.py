@@ -182,24 +182,29 @@ def write_confusion_png(confusion: np.ndarray, path: Path, accuracy: float) -> N
 
 
 def print_tables(summary: dict, variants: list[str]) -> None:
-    print("\n| set | " + " | ".join(variants) + " |")
-    print("|---|" + "---|" * len(variants))
-    rows = summary["sets"]
+    print_set_table(summary["sets"], variants)
+    print(f"\ntype routing accuracy {summary['type_accuracy']:.1%}, ", end="")
+    print(f"degree MAE {summary['degree_mae']:.3f}")
+
+
+def print_set_table(rows: dict[str, dict[str, float]], columns: list[str]) -> None:
+    """Markdown: one row per set (PSNR / SSIM of each column), then the means of the single-type
+    sets and of the mixtures (also used by benchmarks/shipped_models.py)."""
+    print("\n| set | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
     for name, means in rows.items():
-        cells = [f"{means[v + '_psnr']:.2f} / {means[v + '_ssim']:.3f}" for v in variants]
+        cells = [f"{means[c + '_psnr']:.2f} / {means[c + '_ssim']:.3f}" for c in columns]
         print(f"| {name} | " + " | ".join(cells) + " |")
     for label, names in (
         ("mean, single types", [n for n in rows if "+" not in n]),
         ("mean, mixtures", [n for n in rows if "+" in n]),
     ):
         cells = [
-            f"{np.mean([rows[n][v + '_psnr'] for n in names]):.2f} / "
-            f"{np.mean([rows[n][v + '_ssim'] for n in names]):.3f}"
-            for v in variants
+            f"{np.mean([rows[n][c + '_psnr'] for n in names]):.2f} / "
+            f"{np.mean([rows[n][c + '_ssim'] for n in names]):.3f}"
+            for c in columns
         ]
         print(f"| **{label}** | " + " | ".join(cells) + " |")
-    print(f"\ntype routing accuracy {summary['type_accuracy']:.1%}, ", end="")
-    print(f"degree MAE {summary['degree_mae']:.3f}")
 
 
 if __name__ == "__main__":
