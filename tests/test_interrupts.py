@@ -84,6 +84,13 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "restore_cli", *args]
 
 
+def default_sigint() -> None:
+    """Children get Ctrl-C like a terminal's foreground job. A test run started in the
+    background of a non-interactive shell (`pytest &`, CI wrappers) ignores SIGINT, children
+    inherit that, and Python then installs no KeyboardInterrupt handler at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Child:
     """A CLI subprocess whose stderr goes to a file (a full pipe would stall it)."""
 
@@ -91,7 +98,12 @@ class Child:
         self.log = log
         self._stderr = log.open("w")
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=self._stderr, env=ENV, cwd=REPO
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            env=ENV,
+            cwd=REPO,
+            preexec_fn=default_sigint,
         )
 
     def wait_until(self, condition: Callable[[], bool], timeout: float = 240) -> None:
