@@ -243,11 +243,7 @@ def restore(
         from restore_cli.distributed import RayOptions, RayRestoreRun
 
         ray_options = RayOptions(ray_address, gpus_per_worker, ray_workers)
-        # Actors load the model themselves: a file by its absolute path (shared filesystem).
-        model_ref = str(Path(name).absolute()) if Path(name).is_file() else name
-        if weights is not None:
-            options.weights = weights.absolute()
-        return RayRestoreRun(options, loaded, model_ref, ray_options, streams).run()
+        return RayRestoreRun(options, loaded, name, ray_options, streams).run()
 
     raise typer.Exit(run_interruptible(debug, feature))
 

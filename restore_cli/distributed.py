@@ -77,12 +77,17 @@ class RayRestoreRun(RestoreRun):
         self,
         options: RestoreOptions,
         model: LoadedModel,
-        model_ref: str,
+        model_name: str,
         ray_options: RayOptions,
         streams: Streams | None = None,
     ) -> None:
         import_ray()  # a missing extra is a usage error before anything is planned or written
-        self.model_ref = model_ref  # what each actor loads (a name or a path every node sees)
+        # Actors load the model themselves: a name, or a file by its absolute path (every node
+        # sees the same filesystem), with --weights likewise.
+        is_file = Path(model_name).is_file()
+        self.model_ref = str(Path(model_name).absolute()) if is_file else model_name
+        if options.weights is not None:
+            options = replace(options, weights=options.weights.absolute())
         self.ray_options = ray_options
         if ray_options.gpus_per_worker < 0:
             raise ConfigError(f"--gpus-per-worker {ray_options.gpus_per_worker}: must be >= 0")

@@ -37,9 +37,6 @@ class Shard:
         """``run.csv`` → ``run.shard-2-of-8.csv``: one file per shard in a shared folder."""
         return path.with_name(f"{path.stem}.shard-{self.index}-of-{self.count}{path.suffix}")
 
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
-
 
 def parse_shard(text: str | None) -> Shard | None:
     """``"I/N"`` with 0 ≤ I < N, e.g. ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``."""
