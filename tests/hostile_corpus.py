@@ -35,6 +35,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from tests.test_io_image import stored_for  # Pillow's transposes, not the reader's
+
 OK, FAILED, IGNORED = "ok", "failed", "ignored"
 
 Check = Callable[[Path, Path], None]  # (input file, output file) -> raises AssertionError
@@ -150,25 +152,6 @@ def exif_with_orientation(orientation: int) -> bytes:
     exif[0x010F] = "HostileCam"
     exif[0x0112] = orientation
     return exif.tobytes()
-
-
-_INVERSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_90,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_270,
-}
-
-
-def stored_for(upright: np.ndarray, orientation: int) -> np.ndarray:
-    """Pixels as a camera stores them so that EXIF ``orientation`` displays ``upright``
-    (Pillow's transposes, independent of the reader's numpy ones)."""
-    if orientation not in _INVERSE:
-        return upright
-    return np.asarray(Image.fromarray(upright).transpose(_INVERSE[orientation]))
 
 
 # --------------------------------------------------------------------------- output checks
