@@ -26,9 +26,16 @@ from typing import Any
 
 from restore_cli.errors import ConfigError
 from restore_cli.io.discover import Job
-from restore_cli.models.registry import LoadedModel, apply_mode, apply_sampling
+from restore_cli.models.registry import LoadedModel
 from restore_cli.report import FileRecord
-from restore_cli.restore import JobRunner, RestoreOptions, RestoreRun, Streams, planned_record
+from restore_cli.restore import (
+    JobRunner,
+    RestoreOptions,
+    RestoreRun,
+    Streams,
+    apply_conditions,
+    planned_record,
+)
 from restore_cli.synthesize import PairJob, SynthesizeOptions, make_pair_reported
 
 JOBS_PER_BATCH = 4  # files per actor call: small, so progress and the CSV advance steadily
@@ -96,9 +103,7 @@ class RayRestoreRun(RestoreRun):
         super().__init__(options, model, streams)
 
     def make_runner(self) -> None:
-        # Check --mode/--task/--steps here so a usage error stops the run before Ray starts.
-        apply_mode(self.model, self.options.mode, self.options.tasks, self.options.granularity)
-        apply_sampling(self.model, self.options.steps, self.options.seed)
+        apply_conditions(self.model, self.options)  # usage errors stop us before Ray starts
         return None
 
     def execute(self, jobs: list[Job]) -> bool:

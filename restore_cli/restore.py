@@ -121,8 +121,7 @@ class JobRunner:
         check_options(options)
         self.options = options
         self.model = model
-        apply_mode(model, options.mode, options.tasks, options.granularity)
-        apply_sampling(model, options.steps, options.seed)
+        apply_conditions(model, options)
         self.engine = Engine(model, options.engine)
         self._writes: deque[tuple[FileRecord, Future[tuple[float, list[str]]] | None]] = deque()
         self._claims: dict[str, OutputClaim] = {}  # output path -> our claim, until finished
@@ -389,6 +388,12 @@ def planned_record(job: Job, options: RestoreOptions, model_name: str) -> FileRe
     if job.skip:
         return job_record(job, options, model_name, status=STATUS_SKIPPED, error=job.note)
     return None
+
+
+def apply_conditions(model: LoadedModel, options: RestoreOptions) -> None:
+    """--mode/--task/--granularity and --steps/--seed on the model (usage errors raise here)."""
+    apply_mode(model, options.mode, options.tasks, options.granularity)
+    apply_sampling(model, options.steps, options.seed)
 
 
 def check_options(options: RestoreOptions) -> None:
