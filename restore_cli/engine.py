@@ -8,7 +8,9 @@ with NaN/Inf is redone in fp32 (with a warning), so callers always get finite pi
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,12 @@ class EngineOptions:
     tile: int | None = None  # None = auto, 0 = whole image, N = tile side in pixels
     tile_overlap: int = 32
     batch_size: int = 0  # tiles per forward; 0 = auto
+    # torch.compile the network. Every forward then has one shape (batch_size, C, tile, tile):
+    # tiles are not balanced, smaller images are padded up to the tile (reflect; their
+    # bottom/right border pixels can differ slightly from an eager run) and short batches are
+    # filled, so a folder compiles once instead of once per image size.
+    compile: bool = False
+    channels_last: bool | None = None  # None = what the model's spec prefers
 
 
 @dataclass
@@ -119,7 +127,18 @@ class Engine:
         if self.options.tile_overlap < 0:
             raise ConfigError(f"--tile-overlap {self.options.tile_overlap}: must be >= 0")
         self.batch_size = self.options.batch_size or (4 if self.device.type == "cuda" else 1)
+        self.channels_last = (
+            model.spec.channels_last
+            if self.options.channels_last is None
+            else self.options.channels_last
+        )
         model.module.to(self.device).eval()
+        if self.channels_last:
+            model.module.to(memory_format=torch.channels_last)
+        self.network: Any = model.module
+        if self.options.compile:
+            check_compiler(self.device)
+            self.network = torch.compile(model.module, dynamic=False)
         self._mib_per_mp: dict[str, float] = {}
         self._route: Any = None  # the routing of the image being restored (routed models)
 
@@ -158,8 +177,11 @@ class Engine:
         multiple = self.model.spec.size_multiple
         if self.options.tile is not None:
             return 0 if self.options.tile == 0 else round_down(self.options.tile, multiple)
+        # Compiled: always the same tile (a smaller image is padded up to it), one shape.
+        whole_if_fits = not self.options.compile
         if self.device.type != "cuda":
-            return 0 if max(height, width) <= CPU_AUTO_TILE else round_down(CPU_AUTO_TILE, multiple)
+            tile = round_down(CPU_AUTO_TILE, multiple)
+            return 0 if whole_if_fits and max(height, width) <= tile else tile
         free_bytes, _ = torch.cuda.mem_get_info(self.device)
         tile = tile_for_memory(
             free_bytes / 2**20,
@@ -168,7 +190,7 @@ class Engine:
             multiple,
             self.options.tile_overlap,
         )
-        return 0 if max(height, width) <= tile else tile
+        return 0 if whole_if_fits and max(height, width) <= tile else tile
 
     def memory_mib_per_mp(self, precision: str) -> float:
         """Peak CUDA memory per input megapixel: from the spec, else measured once per precision."""
@@ -181,14 +203,14 @@ class Engine:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
-            self._forward(probe, precision)
+            self._forward(probe, precision, compiled=False)  # no compile for a probe shape
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device) - base
             self._mib_per_mp[precision] = peak / 2**20 / (side * side / 1e6)
         return self._mib_per_mp[precision]
 
     # -- internals ----------------------------------------------------------------------------
-    def _forward(self, batch: torch.Tensor, precision: str) -> torch.Tensor:
+    def _forward(self, batch: torch.Tensor, precision: str, compiled: bool = True) -> torch.Tensor:
         autocast = (
             torch.autocast(self.device.type, dtype=_DTYPES[precision])
             if precision in _DTYPES
@@ -197,9 +219,18 @@ class Engine:
         spec = self.model.spec
         if spec.input_channels == 1:
             batch = luma(batch)
+        count = batch.shape[0]
+        network = self.network if compiled else self.model.module
+        if network is not self.model.module and count < self.batch_size:
+            # A short last batch, filled with copies so the compiled shape stays the same.
+            filler = batch[-1:].expand(self.batch_size - count, -1, -1, -1)
+            batch = torch.cat([batch, filler])
+        # Explicit either way: an image from HxWxC numpy is already channels_last in memory.
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        batch = batch.contiguous(memory_format=layout)
         extra = {} if self._route is None else {"route": self._route}
         with torch.inference_mode(), autocast:
-            output = self.model(batch, **extra).float()
+            output = network(batch, **self.model.conditions, **extra)[:count].float()
         if spec.output_channels == 1:
             output = output.expand(-1, 3, -1, -1)
         return output
@@ -218,8 +249,10 @@ class Engine:
                     scale=spec.scale,
                     size_multiple=spec.size_multiple,
                     batch_size=self.batch_size,
-                    min_size=spec.min_size,
+                    # compiled: every tile exactly ``tile`` (see EngineOptions.compile)
+                    min_size=max(spec.min_size, tile) if self.options.compile else spec.min_size,
                     square=spec.square,
+                    balance=not self.options.compile,
                 )
                 return output, tile
             except (torch.OutOfMemoryError, RuntimeError) as error:
@@ -239,6 +272,19 @@ class Engine:
         current = tile or max(height, width)
         smaller = round_down(current // 2, self.model.spec.size_multiple)
         return smaller if MIN_TILE <= smaller < current else None
+
+
+def check_compiler(device: torch.device) -> None:
+    """``--compile`` needs a code generator: a C++ compiler on CPU, Triton on CUDA.
+
+    Checked up front, so a machine without one gets one clear error instead of a failed image
+    per file.
+    """
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("--compile on CUDA needs Triton (pip install triton)")
+    elif not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
+        raise ConfigError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH")
 
 
 def luma(batch: torch.Tensor) -> torch.Tensor:

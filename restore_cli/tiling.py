@@ -72,14 +72,20 @@ def balanced_tile(length: int, tile: int, overlap: int, align: int = 1) -> int:
     return tile
 
 
-def plan_tiles(height: int, width: int, tile: int, overlap: int, align: int = 1) -> list[Tile]:
+def plan_tiles(
+    height: int, width: int, tile: int, overlap: int, align: int = 1, balance: bool = True
+) -> list[Tile]:
     """Tiles of at most ``tile`` per side covering the image, row-major.
 
-    Each axis uses :func:`balanced_tile`. With ``align > 1``, height, width and tile must be
-    multiples of it (see :func:`run_tiled`).
+    Each axis uses :func:`balanced_tile` unless ``balance`` is False (then every tile is exactly
+    ``tile`` where the image allows: one shape for a compiled network). With ``align > 1``,
+    height, width and tile must be multiples of it (see :func:`run_tiled`).
     """
-    tile_h = balanced_tile(height, tile, overlap, align)
-    tile_w = balanced_tile(width, tile, overlap, align)
+    if balance:
+        tile_h = balanced_tile(height, tile, overlap, align)
+        tile_w = balanced_tile(width, tile, overlap, align)
+    else:
+        tile_h, tile_w = min(tile, height), min(tile, width)
     return [
         Tile(y, x, y + tile_h, x + tile_w)
         for y in axis_starts(height, tile_h, overlap, align)
@@ -176,11 +182,13 @@ def run_tiled(
     batch_size: int = 1,
     min_size: int = 0,
     square: bool = False,
+    balance: bool = True,
 ) -> torch.Tensor:
     """Restore ``image`` [1,C,H,W] tile by tile and blend; ``tile=0`` runs the whole image.
 
     ``forward`` maps [B,C,h,w] to [B,C',h*scale,w*scale]. Accumulation is in float32 on the
-    output's device, so a GPU run never round-trips tiles through the host.
+    output's device, so a GPU run never round-trips tiles through the host. ``balance`` as in
+    :func:`plan_tiles`.
     """
     if image.shape[0] != 1:
         raise ValueError("run_tiled takes one image at a time")
@@ -198,7 +206,7 @@ def run_tiled(
         # tile could not keep the overlap, and its blend ramps would meet a seam with no
         # neighbour behind it (weights summing to 0 there). Found by tests/test_fuzz.py.
         tile = _round_up(overlap + size_multiple, size_multiple)
-    tiles = plan_tiles(padded_h, padded_w, tile, overlap, size_multiple)
+    tiles = plan_tiles(padded_h, padded_w, tile, overlap, size_multiple, balance)
     output: torch.Tensor | None = None
     weight_sum: torch.Tensor | None = None
     for group in batched(tiles, batch_size):

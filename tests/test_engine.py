@@ -150,3 +150,100 @@ def test_cuda_auto_tile_and_bf16_match_fp32():
     exact, _ = Engine(model, EngineOptions(device="cuda", precision="fp32", tile=0)).restore(image)
     assert info.precision in ("bf16", "fp16")
     assert np.abs(fast - exact).mean() < 5e-3
+
+
+class RecordsInputs(nn.Module):
+    """A local model that remembers the shape and memory format of every batch it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = LocalConvNet()
+        self.seen: list[tuple[tuple[int, ...], bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        self.seen.append((tuple(x.shape), channels_last))
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("prefers", [True, False])
+def test_channels_last_follows_the_spec_unless_overridden(prefers):
+    image = np.random.default_rng(4).random((70, 90, 3), dtype=np.float32)
+    outputs = {}
+    for override in (None, not prefers):
+        torch.manual_seed(0)
+        module = RecordsInputs()
+        engine = Engine(
+            loaded(module, channels_last=prefers),
+            EngineOptions(device="cpu", channels_last=override),
+        )
+        outputs[override], _ = engine.restore(image)
+        expected = prefers if override is None else override
+        assert {last for _, last in module.seen} == {expected}
+        weight = module.inner.body[0].weight  # 3x3: channels_last and contiguous differ
+        assert weight.is_contiguous(memory_format=torch.channels_last) == expected
+    assert np.abs(outputs[None] - outputs[not prefers]).max() < 1e-5
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with the eager backend: Dynamo still traces and guards every shape (so
+    recompiles are caught), without the minutes of C++ code generation. Yields the shapes the
+    compiled network was called with."""
+    real_compile = torch.compile
+    shapes: list[tuple[int, ...]] = []
+
+    def compile_eager(module, **kwargs):
+        compiled = real_compile(module, backend="eager", **kwargs)
+
+        def call(batch, **conditions):
+            shapes.append(tuple(batch.shape))
+            return compiled(batch, **conditions)
+
+        return call
+
+    monkeypatch.setattr("restore_cli.engine.torch.compile", compile_eager)
+    torch._dynamo.reset()
+    yield shapes
+    torch._dynamo.reset()
+
+
+def test_compile_runs_every_image_size_with_one_shape_and_no_recompiles(eager_compile):
+    torch.manual_seed(0)
+    model = loaded(LocalConvNet(), size_multiple=4)
+    engine = Engine(model, EngineOptions(device="cpu", tile=64, batch_size=3, compile=True))
+    eager = Engine(model, EngineOptions(device="cpu", tile=64, batch_size=3))
+    rng = np.random.default_rng(5)
+    # smaller than a tile, a thin strip, several tiles with a short last batch, not multiples
+    sizes = [(40, 30), (20, 150), (130, 101), (64, 64)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for height, width in sizes:
+            image = rng.random((height, width, 3), dtype=np.float32)
+            compiled, info = engine.restore(image)
+            assert compiled.shape == image.shape and info.tile == 64
+            reference, _ = eager.restore(image)
+            # A local model (radius 3): unbalanced tiles change nothing; the reflect padding up
+            # to the tile only changes what the bottom/right border pixels see (eager pads to
+            # a multiple of 4 and the convolutions zero-pad beyond).
+            interior = (slice(0, height - 8), slice(0, width - 8))
+            assert np.abs(compiled - reference)[interior].max() < 1e-5
+    assert set(eager_compile) == {(3, 3, 64, 64)}
+
+
+def test_compile_without_a_compiler_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr("restore_cli.engine.shutil.which", lambda name: None)
+    with pytest.raises(ConfigError, match="--compile on CPU needs a C"):
+        Engine(loaded(LocalConvNet()), EngineOptions(device="cpu", compile=True))
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_matches_eager():
+    """The real code generator (a C++ compiler on CPU), on a tiny network."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = loaded(LocalConvNet(), size_multiple=4)
+    image = np.random.default_rng(6).random((100, 80, 3), dtype=np.float32)
+    compiled, _ = Engine(model, EngineOptions(device="cpu", tile=64, compile=True)).restore(image)
+    eager, _ = Engine(model, EngineOptions(device="cpu", tile=64)).restore(image)
+    assert np.abs(compiled - eager).max() < 1e-4
+    torch._dynamo.reset()

@@ -48,6 +48,9 @@ class ModelSpec:
     routed: bool = False
     # True for diffusion models whose forward takes ``steps=`` and ``seed=`` (DiffUIR).
     sampled: bool = False
+    # Run in channels_last memory format: convolution-heavy networks are faster that way on
+    # oneDNN (CPU) and on tensor cores (CUDA); set False where a network's reshapes make it slower.
+    channels_last: bool = True
 
 
 @dataclass
