@@ -86,6 +86,14 @@ GranularityOption = Annotated[
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 PrecisionOption = Annotated[Precision, typer.Option(help="auto = bf16/fp16 on CUDA.")]
+CompileOption = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the model (slow first image; then one fixed tile shape, no "
+        "recompiles).",
+    ),
+]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")]
 DebugOption = Annotated[bool, typer.Option(help="Show tracebacks.")]
 ShardOption = Annotated[
@@ -170,6 +178,7 @@ def restore(
     device: DeviceOption = "auto",
     precision: PrecisionOption = Precision.auto,
     batch_size: Annotated[int, typer.Option(min=0, help="Tiles per forward pass; 0 = auto.")] = 0,
+    compile_model: CompileOption = False,
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")
     ] = False,
@@ -223,6 +232,7 @@ def restore(
                 tile=parse_tile(tile),
                 tile_overlap=tile_overlap,
                 batch_size=batch_size,
+                compile=compile_model,
             ),
             recursive=recursive,
             ext=ext.value,
@@ -559,9 +569,18 @@ def eval_command(
     device: DeviceOption = "auto",
     precision: PrecisionOption = Precision.auto,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per metric batch on CUDA.")] = 8,
+    compile_model: CompileOption = False,
     overwrite: Annotated[
         bool,
         typer.Option("--overwrite/--skip-existing", help="Redo --model predictions that exist."),
+    ] = False,
+    shard: ShardOption = None,
+    merge_shards: Annotated[
+        bool,
+        typer.Option(
+            "--merge-shards",
+            help="Combine the tables that every --shard I/N wrote to -o into one eval.",
+        ),
     ] = False,
     quiet: QuietOption = False,
     debug: DebugOption = False,
@@ -572,6 +591,12 @@ def eval_command(
     from restore_cli.evaluate import EvalOptions, evaluate, parse_metrics, split_paths
 
     def feature() -> int:
+        if merge_shards:
+            from restore_cli.evaluate import merge_shards as merge
+
+            if paths or model or data or shard:
+                raise ConfigError("--merge-shards takes only -o (where the shards wrote)")
+            return merge(output, quiet=quiet)
         names = parse_metrics(metrics)
         predictions, gt_folder = [], gt
         if paths:
@@ -592,10 +617,16 @@ def eval_command(
             mode=mode.value,
             tasks=split_tasks(task),
             granularity=granularity.value if granularity else None,
-            engine=EngineOptions(device=device, precision=precision.value, tile=parse_tile(tile)),
+            engine=EngineOptions(
+                device=device,
+                precision=precision.value,
+                tile=parse_tile(tile),
+                compile=compile_model,
+            ),
             overwrite=overwrite,
             batch_size=batch_size,
             quiet=quiet,
+            shard=parse_shard(shard),
         )
         return evaluate(options)
 

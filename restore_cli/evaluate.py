@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import sys
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ from restore_cli.engine import EngineOptions, resolve_device
 from restore_cli.errors import ConfigError, one_line
 from restore_cli.io.discover import walk_images
 from restore_cli.io.image import MAX_PIXELS_DEFAULT, read_image
+from restore_cli.io.shard import Shard
 from restore_cli.metrics.iqa import (
     IqaMetric,
     MetricUnavailable,
@@ -45,6 +47,7 @@ from restore_cli.metrics.iqa import (
 from restore_cli.metrics.psnr_ssim import PIXEL_MAX, Convention, quantize, score
 from restore_cli.metrics.report import (
     METADATA_COLUMNS,
+    PER_IMAGE_TAIL,
     STATUS_FAILED,
     STATUS_MISSING_GT,
     STATUS_MISSING_PRED,
@@ -85,12 +88,14 @@ class EvalOptions:
     data: Path | None = None
     mode: str = "auto"
     tasks: list[str] = field(default_factory=list)
+    granularity: str | None = None  # routed models: force all / type / degree experts
     engine: EngineOptions = field(default_factory=EngineOptions)  # device: metrics too
     overwrite: bool = False  # redo existing predictions of --model
     batch_size: int = 8  # images per batch on CUDA; the CPU scores one image at a time
     readers: int = 2
     quiet: bool = False
     max_pixels: int = MAX_PIXELS_DEFAULT
+    shard: Shard | None = None  # only this shard's files (job arrays; see merge_shards)
 
 
 @dataclass(frozen=True)
@@ -494,11 +499,13 @@ def restore_predictions(options: EvalOptions, stderr: TextIO) -> list[tuple[str,
             weights=options.weights,
             mode=options.mode,
             tasks=list(options.tasks),
+            granularity=options.granularity,
             engine=options.engine,
             recursive=True,
             overwrite=options.overwrite,
             quiet=options.quiet,
             max_pixels=options.max_pixels,
+            shard=options.shard,  # restore keys its shards like eval pairs: same files
         )
         # Output paths RestoreRun prints for pipelines are not eval's output: swallow them.
         streams = Streams(stdin=None, stdout=io.StringIO(), stderr=stderr)
@@ -576,6 +583,9 @@ def evaluate(options: EvalOptions, stderr: TextIO = sys.stderr) -> int:
         (name, pair_folders(folder, inputs.gt_root, exclude=options.output_dir))
         for name, folder in sources
     ]
+    if options.shard is not None:
+        shard = options.shard
+        plans = [(name, [p for p in pairs if shard.owns(p.key)]) for name, pairs in plans]
     total = sum(len(pairs) for _, pairs in plans)
     progress = BatchProgress(
         total, enabled=not options.quiet and stderr.isatty(), description="scoring"
@@ -593,7 +603,9 @@ def evaluate(options: EvalOptions, stderr: TextIO = sys.stderr) -> int:
         join_metadata(rows, inputs.metadata, stderr)
     columns = [column for scorer in scorers for column in scorer.columns]
     with_metadata = inputs.metadata is not None
-    write_outputs(options.output_dir, rows, columns, with_metadata, stderr, options.quiet)
+    write_outputs(
+        options.output_dir, rows, columns, with_metadata, stderr, options.quiet, options.shard
+    )
     failed = sum(row["status"] != STATUS_OK for row in rows)
     if not options.quiet:
         seconds = time.perf_counter() - started
@@ -615,11 +627,104 @@ def write_outputs(
     with_metadata: bool,
     stderr: TextIO,
     quiet: bool,
+    shard: Shard | None = None,
 ) -> None:
+    """per_image.csv, summary.csv, summary.png (``*.shard-I-of-N.*`` for a shard) and the
+    table."""
     output_dir.mkdir(parents=True, exist_ok=True)
+
+    def named(name: str) -> Path:
+        return output_dir / name if shard is None else shard.tag(output_dir / name)
+
     summary = summarize(rows, columns)
-    write_per_image(output_dir / PER_IMAGE_NAME, rows, columns, with_metadata)
-    write_summary(output_dir / SUMMARY_NAME, summary, columns)
-    plot_summary(output_dir / PLOT_NAME, summary, columns)
+    write_per_image(named(PER_IMAGE_NAME), rows, columns, with_metadata)
+    write_summary(named(SUMMARY_NAME), summary, columns)
+    plot_summary(named(PLOT_NAME), summary, columns)
     if not quiet and summary:
         print_table(summary, columns, stderr)
+
+
+# ----------------------------------------------------------------------------- --merge-shards
+
+_SHARD_TABLE = re.compile(r"per_image\.shard-(\d+)-of-(\d+)\.csv")
+
+
+def merge_shards(output_dir: Path, stderr: TextIO = sys.stderr, quiet: bool = False) -> int:
+    """Combine the per_image tables of an ``eval --shard I/N`` job array in ``output_dir``
+    into the unsharded per_image.csv, summary.csv and summary.png; exit code 1 if a row is
+    not ``ok``.
+
+    Rows come back in the unsharded order (model, then file). The summary is computed from the
+    per-image values as written (6 decimals), so its means can differ from an unsharded run's
+    in the 7th decimal.
+    """
+    if not output_dir.is_dir():
+        raise ConfigError(f"{output_dir}: not a folder")
+    tables: dict[int, dict[int, Path]] = {}
+    for path in output_dir.iterdir():
+        if match := _SHARD_TABLE.fullmatch(path.name):
+            tables.setdefault(int(match[2]), {})[int(match[1])] = path
+    if not tables:
+        raise ConfigError(f"{output_dir}: no per_image.shard-I-of-N.csv (from eval --shard I/N)")
+    if len(tables) > 1:
+        counts = ", ".join(str(count) for count in sorted(tables))
+        raise ConfigError(f"{output_dir}: shard tables of different N ({counts}); keep one run")
+    count, paths = tables.popitem()
+    missing = [str(index) for index in range(count) if index not in paths]
+    if missing:
+        raise ConfigError(
+            f"{output_dir}: shard(s) {', '.join(missing)} of {count} have no table yet; "
+            f"run eval --shard I/{count} for them first"
+        )
+    header: list[str] | None = None
+    rows: list[Row] = []
+    for index in range(count):
+        shard_header, shard_rows = read_per_image(paths[index])
+        if header is not None and shard_header != header:
+            raise ConfigError(f"{paths[index]}: other columns than {paths[0].name}")
+        header = shard_header
+        rows += shard_rows
+    assert header is not None
+    with_metadata = METADATA_COLUMNS[0] in header
+    first_extra = next(i for i, c in enumerate(header) if c in (*METADATA_COLUMNS, *PER_IMAGE_TAIL))
+    columns = header[3:first_extra]  # after file, model, status
+    models = list(dict.fromkeys(str(row["model"]) for row in rows))
+    rows.sort(key=lambda row: (models.index(str(row["model"])), str(row["file"])))
+    write_outputs(output_dir, rows, columns, with_metadata, stderr, quiet)
+    failed = sum(row["status"] != STATUS_OK for row in rows)
+    if not quiet:
+        print(
+            f"merged {count} shards: {len(rows)} rows ({failed} not scored) → {output_dir}",
+            file=stderr,
+        )
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def read_per_image(path: Path) -> tuple[list[str], list[Row]]:
+    """A per_image CSV back as rows: metric values as floats (``inf``/``nan`` included), blank
+    cells left out, so :func:`summarize` sees what it saw when the table was written."""
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            header = list(reader.fieldnames or [])
+            raw = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ConfigError(f"{path}: cannot read ({one_line(error)})") from None
+    if header[:3] != ["file", "model", "status"]:
+        raise ConfigError(f"{path}: not a per_image table of eval")
+    text_columns = {"file", "model", "status", *METADATA_COLUMNS, *PER_IMAGE_TAIL}
+    rows: list[Row] = []
+    for values in raw:
+        row: Row = {}
+        for column, value in values.items():
+            if value in ("", None):
+                continue
+            if column in text_columns:
+                row[column] = value
+                continue
+            try:
+                row[column] = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: {column} = {value!r} is not a number") from None
+        rows.append(row)
+    return header, rows

@@ -424,3 +424,25 @@ def test_no_reference_mode_scores_predictions_alone(tmp_path: Path, monkeypatch)
     header, rows = read_csv(out / "per_image.csv")
     assert header[:4] == ["file", "model", "status", "niqe"]
     assert all(float(row["niqe"]) > 0 for row in rows) and rows[0]["gt"] == ""
+
+
+def test_the_cli_builds_the_same_options(tmp_path: Path):
+    """Through `restore-cli eval` itself: every option the command passes must exist (a
+    renamed field once made every eval invocation crash with a TypeError)."""
+    from typer.testing import CliRunner
+
+    from restore_cli.cli import app
+
+    clean = tmp_path / "clean"
+    save(clean / "photo.png", photo(0, (48, 48)))
+    data = tmp_path / "data"
+    spec = make_spec(["gaussian_noise"], ["medium"])
+    assert synthesize(SynthesizeOptions([str(clean)], output_dir=data, spec=spec, quiet=True)) == 0
+    out = tmp_path / "eval"
+    args = ["eval", "--model", "identity", "--data", str(data), "-o", str(out), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    _, rows = read_csv(out / "per_image.csv")
+    assert [row["status"] for row in rows] == ["ok"]
+    result = CliRunner().invoke(app, ["eval", str(data / "lq"), str(data / "gt"), "-o", str(out)])
+    assert result.exit_code == 0, result.output

@@ -38,6 +38,8 @@ def test_every_path_has_exactly_one_shard_which_does_not_change_when_files_are_a
     # Ownership is a function of the path alone (not of the list), case-folded.
     assert Shard(3, 5).owns("A/B.PNG") == Shard(3, 5).owns("a/b.png")
     assert Shard(3, 5).owns(Path("a") / "b.png") == Shard(3, 5).owns("a/b.png")
+    # ... and extension-free, as eval pairs files: a.jpg restored to a.png stays in its shard.
+    assert Shard(3, 5).owns("a/b.png") == Shard(3, 5).owns("a/b.jpg") == Shard(3, 5).owns("a/b")
 
 
 @pytest.fixture
@@ -110,3 +112,44 @@ def test_route_shards_cover_every_input_once_with_a_table_each(tmp_path, monkeyp
     names = sorted(Path(row["input"]).name for table in tables for row in table)
     assert names == sorted(p.name for p in photos.iterdir())
     assert not (tmp_path / "routes.csv").exists()
+
+
+def eval_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["eval", "--model", "identity", "--data", str(data), "-o", str(out), "-q", *extra]
+
+
+def test_eval_shards_merged_equal_the_unsharded_eval(clean, tmp_path):  # noqa: F811
+    data, whole, sharded = tmp_path / "data", tmp_path / "whole", tmp_path / "sharded"
+    assert synthesize(options(clean, data)) == 0
+    runner = CliRunner()
+    assert runner.invoke(app, eval_args(data, whole)).exit_code == 0
+    sharded.mkdir()
+    early = runner.invoke(app, ["eval", "--merge-shards", "-o", str(sharded)])
+    assert early.exit_code == 2 and "no per_image.shard" in early.output
+    for index in range(3):
+        assert runner.invoke(app, eval_args(data, sharded, "--shard", f"{index}/3")).exit_code == 0
+        if index == 0:
+            partial = runner.invoke(app, ["eval", "--merge-shards", "-o", str(sharded)])
+            assert partial.exit_code == 2
+            assert "shard(s) 1, 2 of 3 have no table yet" in partial.output
+    # Each shard restored and scored only its own files; together, every file once.
+    parts = [rows(sharded / f"per_image.shard-{i}-of-3.csv") for i in range(3)]
+    assert sorted(r["file"] for part in parts for r in part) == sorted(
+        r["file"] for r in rows(whole / "per_image.csv")
+    )
+    assert all(len(part) < 6 for part in parts)
+    assert runner.invoke(app, ["eval", "--merge-shards", "-o", str(sharded)]).exit_code == 0
+
+    def comparable(table: list[dict[str, str]]) -> list[dict[str, str]]:
+        return [{k: v for k, v in row.items() if k != "pred"} for row in table]
+
+    assert comparable(rows(sharded / "per_image.csv")) == comparable(rows(whole / "per_image.csv"))
+    merged, direct = rows(sharded / "summary.csv"), rows(whole / "summary.csv")
+    assert [r["group"] + r["value"] for r in merged] == [r["group"] + r["value"] for r in direct]
+    for got, want in zip(merged, direct, strict=True):
+        for column, value in want.items():
+            if column.endswith(("_mean", "_std")) and value:
+                assert abs(float(got[column]) - float(value)) < 1e-6, column
+            else:
+                assert got[column] == value, column
+    assert (sharded / "summary.png").is_file()

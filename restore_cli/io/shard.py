@@ -1,13 +1,15 @@
 """``--shard I/N``: split one job list between N independent processes (Slurm job arrays, a shell
 loop over servers) with no coordinator.
 
-A job belongs to shard ``hash(key) mod N``, where the key is the job's path relative to its
-input or output root. Hashing (rather than dealing the sorted list round-robin) keeps every
+A job belongs to shard ``hash(key) mod N``, where the key is the job's path relative to its input or
+output root, without its extension: so the files of one image (``a.jpg`` restored to ``a.png``, a
+prediction and its ground truth, which `eval` pairs by that same key) fall into the same shard
+whichever command splits them. Hashing (rather than dealing the sorted list round-robin) keeps every
 file in its shard when files are added to or removed from the folder, so a shard rerun after the
-folder changed never redoes, or races for, another shard's files; relative keys make the split
-the same on servers that mount the data at different places. Keys are case-folded, so outputs
-that collide on a case-insensitive disk (``a.JPG``, ``a.jpg``) land in one shard, where the
-planner reports the collision.
+folder changed never redoes, or races for, another shard's files; relative keys make the split the
+same on servers that mount the data at different places. Keys are case-folded, so outputs that
+collide on a case-insensitive disk (``a.JPG``, ``a.jpg``) land in one shard, where the planner
+reports the collision.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ class Shard:
     count: int
 
     def owns(self, relative: PurePath | str) -> bool:
-        """Whether the job with this root-relative path belongs to this shard."""
-        key = PurePath(relative).as_posix().casefold()
+        """Whether the job with this root-relative path (extension ignored) is this shard's."""
+        path = PurePath(relative)
+        key = (path.with_suffix("") if path.suffix else path).as_posix().casefold()
         digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()
         return int.from_bytes(digest, "big") % self.count == self.index
 

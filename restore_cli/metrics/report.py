@@ -36,10 +36,12 @@ Row = dict[str, object]
 # ----------------------------------------------------------------------------- per image
 
 
+PER_IMAGE_TAIL = ("height", "width", "pred", "gt", "error")
+
+
 def per_image_columns(metric_columns: Sequence[str], with_metadata: bool) -> list[str]:
     extra = METADATA_COLUMNS if with_metadata else []
-    tail = ["height", "width", "pred", "gt", "error"]
-    return ["file", "model", "status", *metric_columns, *extra, *tail]
+    return ["file", "model", "status", *metric_columns, *extra, *PER_IMAGE_TAIL]
 
 
 def format_value(value: object) -> object:
