@@ -73,6 +73,9 @@ RayAddressOption = Annotated[
 RayWorkersOption = Annotated[
     int | None, typer.Option(min=1, help="--engine ray: parallel workers [default: all CPUs].")
 ]
+GpusPerWorkerOption = Annotated[
+    float, typer.Option(min=0, help="--engine ray: GPUs per worker (0 = CPU workers).")
+]
 WeightsOption = Annotated[
     Path | None, typer.Option("--weights", help="Use this file for the named model.")
 ]
@@ -204,9 +207,7 @@ def restore(
     shard: ShardOption = None,
     engine: EngineOption = Engine.local,
     ray_address: RayAddressOption = None,
-    gpus_per_worker: Annotated[
-        float, typer.Option(min=0, help="--engine ray: GPUs per model copy (0 = CPU workers).")
-    ] = 0.0,
+    gpus_per_worker: GpusPerWorkerOption = 0.0,
     ray_workers: RayWorkersOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -582,6 +583,10 @@ def eval_command(
             help="Combine the tables that every --shard I/N wrote to -o into one eval.",
         ),
     ] = False,
+    engine: EngineOption = Engine.local,
+    ray_address: RayAddressOption = None,
+    gpus_per_worker: GpusPerWorkerOption = 0.0,
+    ray_workers: RayWorkersOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -628,6 +633,11 @@ def eval_command(
             quiet=quiet,
             shard=parse_shard(shard),
         )
+        if engine is Engine.ray:
+            from restore_cli.distributed import RayOptions, import_ray
+
+            import_ray()  # a missing extra is a usage error before anything is written
+            options.ray = RayOptions(ray_address, gpus_per_worker, ray_workers)
         return evaluate(options)
 
     raise typer.Exit(run_guarded(debug, feature))

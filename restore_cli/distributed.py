@@ -1,4 +1,4 @@
-"""``--engine ray``: `restore` and `synthesize` on a Ray cluster, through Ray Data.
+"""``--engine ray``: `restore`, `eval` and `synthesize` on a Ray cluster, through Ray Data.
 
 Ray Data rather than our own scheduler: it already places actors on nodes by their CPUs and
 GPUs, streams batches to them with back-pressure, and restarts work lost with a node. What runs
@@ -15,6 +15,7 @@ Apache-2.0 licensed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import pickle
@@ -224,3 +225,99 @@ def as_planned(record: FileRecord, job: Job) -> FileRecord:
     for path in (job.input, job.output):
         error = error.replace(str(path.absolute()), str(path))
     return replace(record, input=str(job.input), output=str(job.output), error=error)
+
+
+# ----------------------------------------------------------------------------- eval
+
+PAIRS_PER_BATCH = 8  # pairs per scoring call: reading and scoring one is quick
+
+
+class ScoreWorker:
+    """A Ray Data actor: builds the metrics once (pyiqa networks load once per actor), then
+    scores the batches of pairs it is given exactly as the local loop does."""
+
+    def __init__(self, options: Any, has_reference: bool, device: str) -> None:
+        import io
+
+        import torch
+
+        from restore_cli.engine import resolve_device
+        from restore_cli.evaluate import build_scorers
+        from restore_cli.metrics.psnr_ssim import Convention
+
+        torch.set_num_threads(1)
+        self.options = options
+        self.device = resolve_device(device)
+        convention = Convention(options.color, options.crop_border)
+        quiet = io.StringIO()  # the driver reports unavailable metrics once
+        self.scorers, _ = build_scorers(
+            options.metrics, convention, self.device, has_reference, quiet
+        )
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[bytes]]:
+        import io
+
+        from restore_cli.evaluate import FolderScoring
+        from restore_cli.progress import BatchProgress
+
+        rows = []
+        items = zip(batch["model"], batch["pair"], strict=True)
+        for model, group in itertools.groupby(items, key=lambda item: item[0]):
+            scoring = FolderScoring(
+                model, self.scorers, self.device, self.options, BatchProgress(0, enabled=False),
+                io.StringIO(),  # the driver prints each error line, in order
+            )  # fmt: skip
+            rows += scoring.run([pickle.loads(pair) for _, pair in group])
+        return {"row": [pickle.dumps(row) for row in rows]}
+
+
+def score_on_ray(
+    plans: list[tuple[str, list[Any]]], options: Any, has_reference: bool, ray_options: RayOptions
+) -> Iterator[dict[str, object]]:
+    """`eval --engine ray`: one per_image row per pair, in plan order, scored by actors.
+
+    Pairs travel with absolute paths (pickled: they are ours, inside our own cluster); the
+    rows and their error lines come back naming the files as the user gave them.
+    """
+    pairs = [(model, pair) for model, model_pairs in plans for pair in model_pairs]
+    if not pairs:
+        return
+    ray = start_ray(ray_options)
+    renames: dict[str, str] = {}
+
+    def absolute(path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        renames[str(path.absolute())] = str(path)
+        return path.absolute()
+
+    items = [
+        {
+            "model": model,
+            "pair": pickle.dumps(replace(pair, pred=absolute(pair.pred), gt=absolute(pair.gt))),
+        }
+        for model, pair in pairs
+    ]
+    gpus = ray_options.gpus_per_worker
+    device = "cuda" if gpus > 0 and options.engine.device == "auto" else options.engine.device
+    dataset = ray.data.from_items(items).map_batches(
+        ScoreWorker,
+        fn_constructor_kwargs={
+            "options": options, "has_reference": has_reference, "device": device
+        },
+        batch_size=PAIRS_PER_BATCH,
+        batch_format="default",
+        compute=ray.data.ActorPoolStrategy(size=worker_count(ray, ray_options, len(pairs))),
+        num_cpus=1,
+        num_gpus=gpus or None,
+        udf_modifying_row_count=False,
+    )  # fmt: skip
+    for item in dataset.iter_rows():
+        row = pickle.loads(item["row"])
+        for column in ("pred", "gt", "error"):
+            text = str(row.get(column) or "")
+            for long, given in renames.items():
+                text = text.replace(long, given)
+            if column in row:
+                row[column] = text
+        yield row

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 import torch
@@ -63,6 +63,9 @@ from restore_cli.metrics.report import (
 from restore_cli.progress import BatchProgress
 from restore_cli.restore import prefetch
 
+if TYPE_CHECKING:  # distributed imports the restore engine; only `--engine ray` needs it
+    from restore_cli.distributed import RayOptions
+
 DEFAULT_OUTPUT_DIR = Path("eval")
 DEFAULT_METRICS = ("psnr", "ssim")
 OWN_METRICS = ("psnr", "ssim")
@@ -96,6 +99,7 @@ class EvalOptions:
     quiet: bool = False
     max_pixels: int = MAX_PIXELS_DEFAULT
     shard: Shard | None = None  # only this shard's files (job arrays; see merge_shards)
+    ray: RayOptions | None = None  # restore and score on a Ray cluster (--engine ray)
 
 
 @dataclass(frozen=True)
@@ -509,7 +513,13 @@ def restore_predictions(options: EvalOptions, stderr: TextIO) -> list[tuple[str,
         )
         # Output paths RestoreRun prints for pipelines are not eval's output: swallow them.
         streams = Streams(stdin=None, stdout=io.StringIO(), stderr=stderr)
-        if RestoreRun(restore_options, loaded, streams).run() == RESTORE_INTERRUPTED:
+        if options.ray is None:
+            run = RestoreRun(restore_options, loaded, streams)
+        else:
+            from restore_cli.distributed import RayRestoreRun
+
+            run = RayRestoreRun(restore_options, loaded, name, options.ray, streams)
+        if run.run() == RESTORE_INTERRUPTED:
             return None
         folders.append((loaded.name, folder))
         del loaded
@@ -562,12 +572,13 @@ def resolve_inputs(options: EvalOptions) -> Inputs:
     )
 
 
-def evaluate(options: EvalOptions, stderr: TextIO = sys.stderr) -> int:
+def evaluate(options: EvalOptions, stderr: TextIO | None = None) -> int:
     """Score, write per_image.csv / summary.csv / summary.png, print the table; exit code.
 
     Usage errors raise :class:`ConfigError` (the CLI prints them, exit 2) before any work;
     per-file and per-metric problems are reported and make the exit code 1.
     """
+    stderr = stderr or sys.stderr  # looked up per call: a test runner swaps it
     started = time.perf_counter()
     inputs = resolve_inputs(options)
     sources = list(zip(model_names(options.predictions), options.predictions, strict=True))
@@ -594,9 +605,20 @@ def evaluate(options: EvalOptions, stderr: TextIO = sys.stderr) -> int:
     interrupted = False
     try:
         with progress:
-            for name, pairs in plans:
-                scoring = FolderScoring(name, scorers, inputs.device, options, progress, stderr)
-                rows += scoring.run(pairs)
+            if options.ray is None:
+                for name, pairs in plans:
+                    scoring = FolderScoring(name, scorers, inputs.device, options, progress, stderr)
+                    rows += scoring.run(pairs)
+            else:
+                from restore_cli.distributed import score_on_ray
+
+                has_reference = inputs.gt_root is not None
+                for row in score_on_ray(plans, options, has_reference, options.ray):
+                    rows.append(row)
+                    if row["status"] != STATUS_OK:
+                        progress.print_error(str(row["error"]), stderr)
+                    pixels = int(str(row.get("height", 0))) * int(str(row.get("width", 0)))
+                    progress.advance(pixels / 1e6)
     except KeyboardInterrupt:  # what was scored so far is still written
         interrupted = True
     if inputs.metadata is not None:
@@ -649,7 +671,7 @@ def write_outputs(
 _SHARD_TABLE = re.compile(r"per_image\.shard-(\d+)-of-(\d+)\.csv")
 
 
-def merge_shards(output_dir: Path, stderr: TextIO = sys.stderr, quiet: bool = False) -> int:
+def merge_shards(output_dir: Path, stderr: TextIO | None = None, quiet: bool = False) -> int:
     """Combine the per_image tables of an ``eval --shard I/N`` job array in ``output_dir``
     into the unsharded per_image.csv, summary.csv and summary.png; exit code 1 if a row is
     not ``ok``.
@@ -658,6 +680,7 @@ def merge_shards(output_dir: Path, stderr: TextIO = sys.stderr, quiet: bool = Fa
     per-image values as written (6 decimals), so its means can differ from an unsharded run's
     in the 7th decimal.
     """
+    stderr = stderr or sys.stderr
     if not output_dir.is_dir():
         raise ConfigError(f"{output_dir}: not a folder")
     tables: dict[int, dict[int, Path]] = {}

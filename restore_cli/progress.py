@@ -45,8 +45,8 @@ class BatchProgress:
             self._task = self._progress.add_task(description, total=total, rate="")
 
     @classmethod
-    def for_stream(cls, total: int, quiet: bool, stream: TextIO = sys.stderr) -> BatchProgress:
-        return cls(total, enabled=not quiet and stream.isatty())
+    def for_stream(cls, total: int, quiet: bool, stream: TextIO | None = None) -> BatchProgress:
+        return cls(total, enabled=not quiet and (stream or sys.stderr).isatty())
 
     def __enter__(self) -> BatchProgress:
         if self._progress is not None:

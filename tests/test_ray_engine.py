@@ -88,3 +88,24 @@ def test_synthesize_on_ray_makes_the_same_bytes(ray_cluster, clean, tmp_path):  
     assert synthesize(options(clean, local)) == 1
     assert synthesize(options(clean, remote, ray=RayOptions(workers=2))) == 1
     assert tree_bytes(remote) == tree_bytes(local)  # pairs and metadata.csv
+
+
+def test_eval_on_ray_gives_the_local_tables(ray_cluster, clean, tmp_path, monkeypatch):  # noqa: F811
+    from restore_cli.synthesize import synthesize
+
+    monkeypatch.chdir(tmp_path)  # relative paths in, as users type them
+    assert synthesize(options(clean, Path("data"))) == 0
+    next(Path("data/lq").rglob("*.png")).unlink()  # its ground truth gets no prediction
+    tables = {}
+    for name, extra in (("local", []), ("remote", ["--engine", "ray", "--ray-workers", "2"])):
+        args = ["eval", "--model", "identity", "--data", "data", "-o", name, "-q", *extra]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1, result.output  # the missing prediction
+        assert "no prediction with the same relative path" in result.output
+        per_image = rows(Path(name) / "per_image.csv")
+        for row in per_image:
+            for column in ("pred", "error"):
+                row[column] = row[column].replace(f"{name}/pred", "OUT/pred")
+        tables[name] = (per_image, (Path(name) / "summary.csv").read_bytes())
+    assert tables["remote"] == tables["local"]
+    assert [row["status"] for row in tables["local"][0]].count("ok") == 5
