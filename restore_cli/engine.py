@@ -209,6 +209,12 @@ class Engine:
             self._mib_per_mp[precision] = peak / 2**20 / (side * side / 1e6)
         return self._mib_per_mp[precision]
 
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """One network call on a batch of tiles, as :meth:`restore` makes it (precision,
+        layout, compiled network, the last restored image's route): what
+        ``benchmarks/performance.py`` times as the pure forward."""
+        return self._forward(batch.to(self.device), self.precision)
+
     # -- internals ----------------------------------------------------------------------------
     def _forward(self, batch: torch.Tensor, precision: str, compiled: bool = True) -> torch.Tensor:
         autocast = (
