@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2.functional import gaussian_blur
 
 from restore_cli.degradations.base import Degradation, Param, randn, register
 
@@ -73,6 +72,10 @@ def haze_depth_proxy(
 
     weights = image.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
     brightness = 0.5 * (small * weights).sum(1, keepdim=True) + 0.5 * small.amin(1, keepdim=True)
+    # Imported here: torchvision costs ~2 s of start-up to every command that lists the
+    # degradation families (restore with a routed model) without synthesizing anything.
+    from torchvision.transforms.v2.functional import gaussian_blur
+
     brightness = gaussian_blur(brightness, [13, 13], [3.0, 3.0])
     low = brightness.amin((2, 3), keepdim=True)
     high = brightness.amax((2, 3), keepdim=True)

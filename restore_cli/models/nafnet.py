@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from spandrel.architectures.NAFNet import NAFNet
 from torch import nn
 
 from restore_cli.errors import ModelError
@@ -77,7 +76,16 @@ def detect_nafnet(state_dict: StateDict) -> dict[str, Any] | None:
 def build_nafnet(config: Mapping[str, Any]) -> nn.Module:
     """Build spandrel's NAFNet from a checked config (unknown keys are a user error)."""
     kwargs = _checked_config(config)
-    return NAFNet(**kwargs)
+    return spandrel_nafnet()(**kwargs)
+
+
+def spandrel_nafnet() -> type[nn.Module]:
+    """spandrel's NAFNet class, imported on first use: importing any part of spandrel loads
+    every architecture it ships (torchvision included), about 2 s of start-up that a run of
+    another model should not pay."""
+    from spandrel.architectures.NAFNet import NAFNet
+
+    return NAFNet
 
 
 def nafnet_spec(config: Mapping[str, Any]) -> ModelSpec:
@@ -203,7 +211,7 @@ def tlsc_kernel_sizes(
 def build_nafnet_local(config: Mapping[str, Any]) -> nn.Module:
     """spandrel's NAFNet with every channel-attention pool replaced by its TLSC local mean."""
     kwargs, train_size = _checked_local_config(config)
-    module = NAFNet(**kwargs)
+    module = spandrel_nafnet()(**kwargs)
     for path, kernel in tlsc_kernel_sizes(kwargs, train_size).items():
         block_path, _, _ = path.rpartition(".sca.")
         attention = module.get_submodule(block_path).sca

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from spandrel.architectures.RetinexFormer import RetinexFormer
 from torch import nn
 
 LICENCE = "MIT (caiyuanhao1998/Retinexformer; implementation from spandrel, MIT)"
@@ -43,7 +42,6 @@ __all__ = [
     "RETINEXFORMER_UNIRESTORER",
     "SIZE_MULTIPLE",
     "SOURCE",
-    "RetinexFormer",
     "build_retinexformer",
 ]
 
@@ -64,4 +62,7 @@ def build_retinexformer(**kwargs: Any) -> nn.Module:
     if int(config["n_feat"]) % 4:
         raise ValueError(f"RetinexFormer: n_feat must be a multiple of 4, not {config['n_feat']}")
     config["num_blocks"] = [int(n) for n in config["num_blocks"]]
+    # Imported here: importing spandrel costs ~2 s of start-up (see nafnet.spandrel_nafnet).
+    from spandrel.architectures.RetinexFormer import RetinexFormer
+
     return RetinexFormer(**config)
