@@ -43,9 +43,10 @@ class EngineOptions:
     tile_overlap: int = 32
     batch_size: int = 0  # tiles per forward; 0 = auto
     # torch.compile the network. Every forward then has one shape (batch_size, C, tile, tile):
-    # tiles are not balanced, smaller images are padded up to the tile (reflect; their
-    # bottom/right border pixels can differ slightly from an eager run) and short batches are
-    # filled, so a folder compiles once instead of once per image size.
+    # tiles are not balanced, smaller images are padded up to the tile (reflect) and short
+    # batches are filled, so a folder compiles once instead of once per image size. The other
+    # tile layout changes outputs as any tile size change does: nothing for a local network,
+    # about a level for one with global channel attention (NAFNet's, UniRestorer's experts').
     compile: bool = False
     channels_last: bool | None = None  # None = what the model's spec prefers
 
@@ -132,9 +133,9 @@ class Engine:
             if self.options.channels_last is None
             else self.options.channels_last
         )
-        model.module.to(self.device).eval()
-        if self.channels_last:
-            model.module.to(memory_format=torch.channels_last)
+        # Both ways explicitly: an earlier engine may have converted this module already.
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        model.module.to(self.device, memory_format=layout).eval()
         self.network: Any = model.module
         if self.options.compile:
             check_compiler(self.device)

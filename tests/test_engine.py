@@ -170,9 +170,10 @@ class RecordsInputs(nn.Module):
 def test_channels_last_follows_the_spec_unless_overridden(prefers):
     image = np.random.default_rng(4).random((70, 90, 3), dtype=np.float32)
     outputs = {}
+    torch.manual_seed(0)
+    module = RecordsInputs()  # one module for both engines: the second converts it back
     for override in (None, not prefers):
-        torch.manual_seed(0)
-        module = RecordsInputs()
+        module.seen.clear()
         engine = Engine(
             loaded(module, channels_last=prefers),
             EngineOptions(device="cpu", channels_last=override),
