@@ -262,14 +262,15 @@ def test_short_run_writes_checkpoints_logs_and_config(photos, tmp_path):
     run(photos, run_dir, resume="auto")
 
 
-@pytest.mark.parametrize("ema", ["0.9", "null"])
+@pytest.mark.parametrize("ema", ["0.9", "null", "0.999 warm-up"])
 def test_resume_is_bit_exact(photos, tmp_path, ema):
-    straight = run(photos, tmp_path / "straight", f"ema={ema}")
+    settings = [f"ema={ema.split()[0]}", f"ema_warmup={'warm-up' in ema}".lower()]
+    straight = run(photos, tmp_path / "straight", *settings)
     split = tmp_path / "split"
-    run(photos, split, f"ema={ema}", stop_at=3)
+    run(photos, split, *settings, stop_at=3)
     assert [c.step for c in list_checkpoints(split)] == [3]
     # The second half also runs with a loader worker: data must not depend on it.
-    run(photos, split, f"ema={ema}", "workers=1", resume="auto")
+    run(photos, split, *settings, "workers=1", resume="auto")
     names = ["step_0000008.safetensors"]
     names += ["step_0000008_ema.safetensors"] if ema != "null" else []
     for name in names:
@@ -387,3 +388,23 @@ def test_two_processes_with_gloo_end_with_identical_weights(photos, tmp_path):
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert all(torch.equal(rank0[k], saved[k]) for k in rank0)
     assert [int(r["step"]) for r in read_rows(tmp_path / "run" / "log.csv")] == [1, 2, 3, 4]
+
+
+def test_ema_warmup_forgets_the_random_init_quickly():
+    from torch import nn
+
+    from restore_cli.train.ema import ModelEma
+
+    def residual(warmup: bool, steps: int) -> float:
+        model = nn.Linear(1, 1, bias=False)
+        nn.init.constant_(model.weight, 0.0)  # the "random init"
+        ema = ModelEma(model, 0.999, warmup)
+        nn.init.constant_(model.weight, 1.0)  # training has moved the weights to 1
+        for step in range(1, steps + 1):
+            ema.update(model, step)
+        return 1.0 - float(ema.module.weight)  # the share of the init still in the average
+
+    assert residual(False, 1000) == pytest.approx(0.999**1000, rel=1e-4)  # 37 %
+    assert residual(True, 1000) < 0.01
+    assert ModelEma(nn.Linear(1, 1), 0.999, True).decay_at(1) == pytest.approx(2 / 11)
+    assert ModelEma(nn.Linear(1, 1), 0.999, True).decay_at(10**6) == 0.999

@@ -163,6 +163,7 @@ class TrainConfig:
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     losses: tuple[LossTerm, ...] = (LossTerm("charbonnier"),)
     ema: float | None = 0.999
+    ema_warmup: bool = False  # decay min(ema, (1+t)/(10+t)); off keeps the shipped runs' EMA
     precision: str = "fp32"
     channels_last: bool = False
     grad_clip: float | None = None
@@ -412,6 +413,7 @@ def parse_config(raw: Any) -> TrainConfig:
         scheduler=_parse_scheduler(top),
         losses=_parse_losses(top),
         ema=top.number("ema", None, above=0, below=1),
+        ema_warmup=top.boolean("ema_warmup", defaults.ema_warmup),
         precision=top.text("precision", defaults.precision, choices=PRECISIONS),
         channels_last=top.boolean("channels_last", defaults.channels_last),
         grad_clip=top.number("grad_clip", None, above=0),

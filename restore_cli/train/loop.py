@@ -433,7 +433,9 @@ class Trainer:
         prepare = getattr(module, "prepare_training", None)
         if checkpoint is None and prepare is not None:  # e.g. UniRestorer fits its clusters
             prepare(self.dataset, config.seed)
-        self.ema = ModelEma(module, config.ema) if config.ema is not None else None
+        self.ema = (
+            ModelEma(module, config.ema, config.ema_warmup) if config.ema is not None else None
+        )
         self.optimizer = build_optimizer(module, config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
@@ -509,7 +511,7 @@ class Trainer:
                 ema_weights = read_state_dict(checkpoint.ema)
                 strict_load(self.ema.module, ema_weights, checkpoint.ema, target)
             else:  # EMA switched on for a run that had none: start it from the weights
-                self.ema = ModelEma(self.module, self.ema.decay)
+                self.ema = ModelEma(self.module, self.ema.decay, self.ema.warmup)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -636,7 +638,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         if self.ema is not None:
-            self.ema.update(self.module)
+            self.ema.update(self.module, self.step + 1)  # self.step counts finished steps
         return loss.detach(), {name: value.detach() for name, value in parts.items()}
 
     def autocast(self) -> contextlib.AbstractContextManager:
