@@ -13,6 +13,7 @@ is handled like Ctrl-C.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -76,8 +77,8 @@ class RestoreOptions:
     quiet: bool = False
     max_pixels: int = MAX_PIXELS_DEFAULT
     jpeg_quality: int = 95
-    readers: int = 2
-    writers: int = 2
+    readers: int = 0  # decode threads; 0 = auto (io_threads)
+    writers: int = 0  # encode threads; 0 = auto
     shard: Shard | None = None  # only this shard's files (job arrays); None = all
 
 
@@ -123,6 +124,8 @@ class JobRunner:
         self.model = model
         apply_conditions(model, options)
         self.engine = Engine(model, options.engine)
+        self.readers = options.readers or io_threads(self.engine.device.type)
+        self.writers = options.writers or io_threads(self.engine.device.type)
         self._writes: deque[tuple[FileRecord, Future[tuple[float, list[str]]] | None]] = deque()
         self._claims: dict[str, OutputClaim] = {}  # output path -> our claim, until finished
         self._claims_lock = threading.Lock()
@@ -133,15 +136,15 @@ class JobRunner:
         (Ctrl-C / SIGTERM: files already being written finish, their rows are reported)."""
         self._on_record = on_record
         interrupted = False
-        readers = ThreadPoolExecutor(self.options.readers, thread_name_prefix="read")
-        writers = ThreadPoolExecutor(self.options.writers, thread_name_prefix="write")
+        readers = ThreadPoolExecutor(self.readers, thread_name_prefix="read")
+        writers = ThreadPoolExecutor(self.writers, thread_name_prefix="write")
         try:
             try:
                 for job, reading in prefetch(
                     readers,
                     self.read,
                     jobs,
-                    2 * self.options.readers,
+                    2 * self.readers,
                     wanted=lambda j: not (j.skip or j.error),
                 ):
                     self.process(job, reading, writers)
@@ -245,7 +248,7 @@ class JobRunner:
         self, record: FileRecord, writing: Future[tuple[float, list[str]]] | None
     ) -> None:
         self._writes.append((record, writing))
-        self.drain_writes(2 * self.options.writers)
+        self.drain_writes(2 * self.writers)
 
     def drain_writes(self, keep: int) -> None:
         """Finish queued results in job order until at most ``keep`` remain in flight.
@@ -367,6 +370,14 @@ class RestoreRun:
         if record.status == STATUS_OK and record.height:
             megapixels = int(record.height) * int(record.width) / 1e6
         self.progress.advance(megapixels)
+
+
+def io_threads(device_type: str) -> int:
+    """Decode/encode threads: 2 next to a CPU model (they share its cores); next to a GPU,
+    enough to keep up with it (a 4K PNG takes Pillow about a second to encode), up to 8."""
+    if device_type != "cuda":
+        return 2
+    return min(8, max(2, (os.cpu_count() or 2) // 2))
 
 
 def job_record(job: Job, options: RestoreOptions, model_name: str, **values) -> FileRecord:

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from restore_cli.engine import EngineOptions
 from restore_cli.models.loading import load_model
 from restore_cli.report import CSV_COLUMNS
-from restore_cli.restore import RestoreOptions, RestoreRun, Streams
+from restore_cli.restore import RestoreOptions, RestoreRun, Streams, io_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -223,3 +223,13 @@ def test_default_model_is_used_without_model_and_its_absence_is_one_clear_error(
     monkeypatch.setattr(weights, "default_entry", lambda: None)
     with pytest.raises(RestoreCliError, match="no default model"):
         load_requested_model(None, None)
+
+
+@pytest.mark.parametrize(("cores", "device", "threads"), [
+    (2, "cpu", 2), (64, "cpu", 2), (2, "cuda", 2), (16, "cuda", 8), (12, "cuda", 6),
+])  # fmt: skip
+def test_io_threads_keep_up_with_a_gpu_and_leave_a_cpu_model_its_cores(
+    monkeypatch, cores, device, threads
+):
+    monkeypatch.setattr("restore_cli.restore.os.cpu_count", lambda: cores)
+    assert io_threads(device) == threads
