@@ -315,9 +315,9 @@ def score_on_ray(
     for item in dataset.iter_rows():
         row = pickle.loads(item["row"])
         for column in ("pred", "gt", "error"):
-            text = str(row.get(column) or "")
-            for long, given in renames.items():
-                text = text.replace(long, given)
-            if column in row:
+            if row.get(column):
+                text = str(row[column])
+                for long, given in renames.items():
+                    text = text.replace(long, given)
                 row[column] = text
         yield row
