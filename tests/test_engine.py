@@ -248,3 +248,21 @@ def test_compile_with_inductor_matches_eager():
     eager, _ = Engine(model, EngineOptions(device="cpu", tile=64)).restore(image)
     assert np.abs(compiled - eager).max() < 1e-4
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compile_channels_last_bf16_match_eager_fp32():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = loaded(LocalConvNet(), size_multiple=8)
+    image = np.random.default_rng(7).random((700, 900, 3), dtype=np.float32)
+    fast, info = Engine(model, EngineOptions(device="cuda", tile=256, compile=True)).restore(image)
+    exact, _ = Engine(model, EngineOptions(device="cuda", precision="fp32", tile=256)).restore(
+        image
+    )
+    assert info.precision in ("bf16", "fp16")
+    interior = (slice(0, 700 - 16), slice(0, 900 - 16))  # padding differs at the bottom/right
+    assert np.abs(fast - exact)[interior].mean() < 5e-3
+    torch._dynamo.reset()
