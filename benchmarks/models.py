@@ -93,7 +93,7 @@ def main() -> None:
     print(f"| model | forward at {args.size}×{args.size} |\n|---|---|")
     for name in args.arch or list(CONFIGS):
         rate = forward_mp_per_s(name, args.size, args.device, args.repeats)
-        print(f"| {name} | {rate:.3f} MP/s |", flush=True)
+        print(f"| {name} | {rate:.4g} MP/s ({1 / rate:.0f} s per MP) |", flush=True)
 
 
 if __name__ == "__main__":
