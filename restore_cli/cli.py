@@ -76,6 +76,9 @@ RayWorkersOption = Annotated[
 GpusPerWorkerOption = Annotated[
     float, typer.Option(min=0, help="--engine ray: GPUs per worker (0 = CPU workers).")
 ]
+CpusPerWorkerOption = Annotated[
+    int, typer.Option(min=1, help="--engine ray: CPUs (torch threads) per model copy.")
+]
 WeightsOption = Annotated[
     Path | None, typer.Option("--weights", help="Use this file for the named model.")
 ]
@@ -208,6 +211,7 @@ def restore(
     engine: EngineOption = Engine.local,
     ray_address: RayAddressOption = None,
     gpus_per_worker: GpusPerWorkerOption = 0.0,
+    cpus_per_worker: CpusPerWorkerOption = 1,
     ray_workers: RayWorkersOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -253,7 +257,7 @@ def restore(
             return RestoreRun(options, loaded, streams).run()
         from restore_cli.distributed import RayOptions, RayRestoreRun
 
-        ray_options = RayOptions(ray_address, gpus_per_worker, ray_workers)
+        ray_options = RayOptions(ray_address, gpus_per_worker, ray_workers, cpus_per_worker)
         return RayRestoreRun(options, loaded, name, ray_options, streams).run()
 
     raise typer.Exit(run_interruptible(debug, feature))
@@ -586,6 +590,7 @@ def eval_command(
     engine: EngineOption = Engine.local,
     ray_address: RayAddressOption = None,
     gpus_per_worker: GpusPerWorkerOption = 0.0,
+    cpus_per_worker: CpusPerWorkerOption = 1,
     ray_workers: RayWorkersOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
@@ -637,7 +642,7 @@ def eval_command(
             from restore_cli.distributed import RayOptions, import_ray
 
             import_ray()  # a missing extra is a usage error before anything is written
-            options.ray = RayOptions(ray_address, gpus_per_worker, ray_workers)
+            options.ray = RayOptions(ray_address, gpus_per_worker, ray_workers, cpus_per_worker)
         return evaluate(options)
 
     raise typer.Exit(run_guarded(debug, feature))

@@ -47,6 +47,9 @@ class RayOptions:
     address: str | None = None  # None: join $RAY_ADDRESS or start Ray here; "auto": running one
     gpus_per_worker: float = 0.0  # > 0: one actor per that fraction of a GPU, on CUDA
     workers: int | None = None  # actors; None: as many as the cluster's CPUs (or GPUs) allow
+    # CPUs (and torch threads) of each model actor: more per actor means fewer model copies in
+    # memory for the same cores. Synthesize tasks always take one.
+    cpus_per_worker: int = 1
 
 
 def import_ray() -> Any:
@@ -63,12 +66,14 @@ def import_ray() -> Any:
 class RestoreWorker:
     """A Ray Data actor: loads the model once, then restores the batches it is given."""
 
-    def __init__(self, options: RestoreOptions, model: str, weights: Path | None) -> None:
+    def __init__(
+        self, options: RestoreOptions, model: str, weights: Path | None, threads: int
+    ) -> None:
         import torch
 
         from restore_cli.models.loading import load_model
 
-        torch.set_num_threads(1)  # one CPU per actor; parallelism comes from the actor count
+        torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor
         self.runner = JobRunner(options, load_model(model, weights=weights))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
@@ -101,6 +106,8 @@ class RayRestoreRun(RestoreRun):
             raise ConfigError(f"--gpus-per-worker {ray_options.gpus_per_worker}: must be >= 0")
         if ray_options.workers is not None and ray_options.workers < 1:
             raise ConfigError(f"--ray-workers {ray_options.workers}: must be at least 1")
+        if ray_options.cpus_per_worker < 1:
+            raise ConfigError(f"--cpus-per-worker {ray_options.cpus_per_worker}: must be >= 1")
         super().__init__(options, model, streams)
 
     def make_runner(self) -> None:
@@ -134,11 +141,12 @@ class RayRestoreRun(RestoreRun):
                 "options": options,
                 "model": self.model_ref,
                 "weights": options.weights,
+                "threads": self.ray_options.cpus_per_worker,
             },
             batch_size=JOBS_PER_BATCH,
             batch_format="default",
             compute=ray.data.ActorPoolStrategy(size=self.actor_count(ray, len(work))),
-            num_cpus=1,
+            num_cpus=self.ray_options.cpus_per_worker,
             num_gpus=gpus or None,
             udf_modifying_row_count=False,
         )
@@ -146,7 +154,7 @@ class RayRestoreRun(RestoreRun):
             yield as_planned(FileRecord(**json.loads(row["record"])), job)
 
     def actor_count(self, ray: Any, jobs: int) -> int:
-        return worker_count(ray, self.ray_options, jobs)
+        return worker_count(ray, self.ray_options, jobs, self.ray_options.cpus_per_worker)
 
 
 def start_ray(ray_options: RayOptions) -> Any:
@@ -165,13 +173,14 @@ def start_ray(ray_options: RayOptions) -> Any:
     return ray
 
 
-def worker_count(ray: Any, ray_options: RayOptions, jobs: int) -> int:
-    """``--ray-workers``, else one per CPU (or per ``--gpus-per-worker``), at most one per batch."""
+def worker_count(ray: Any, ray_options: RayOptions, jobs: int, cpus: int = 1) -> int:
+    """``--ray-workers``, else as many as the cluster's CPUs (``cpus`` each) or GPUs
+    (``--gpus-per-worker`` each) allow, at most one per batch."""
     if ray_options.workers is not None:
         return ray_options.workers
     resources = ray.cluster_resources()
     gpus = ray_options.gpus_per_worker
-    slots = resources.get("GPU", 0) / gpus if gpus > 0 else resources.get("CPU", 1)
+    slots = resources.get("GPU", 0) / gpus if gpus > 0 else resources.get("CPU", 1) / cpus
     return max(1, min(int(slots), -(-jobs // JOBS_PER_BATCH)))
 
 
@@ -236,7 +245,7 @@ class ScoreWorker:
     """A Ray Data actor: builds the metrics once (pyiqa networks load once per actor), then
     scores the batches of pairs it is given exactly as the local loop does."""
 
-    def __init__(self, options: Any, has_reference: bool, device: str) -> None:
+    def __init__(self, options: Any, has_reference: bool, device: str, threads: int) -> None:
         import io
 
         import torch
@@ -245,7 +254,7 @@ class ScoreWorker:
         from restore_cli.evaluate import build_scorers
         from restore_cli.metrics.psnr_ssim import Convention
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         self.options = options
         self.device = resolve_device(device)
         convention = Convention(options.color, options.crop_border)
@@ -298,17 +307,18 @@ def score_on_ray(
         }
         for model, pair in pairs
     ]
-    gpus = ray_options.gpus_per_worker
+    gpus, cpus = ray_options.gpus_per_worker, ray_options.cpus_per_worker
     device = "cuda" if gpus > 0 and options.engine.device == "auto" else options.engine.device
     dataset = ray.data.from_items(items).map_batches(
         ScoreWorker,
         fn_constructor_kwargs={
-            "options": options, "has_reference": has_reference, "device": device
+            "options": options, "has_reference": has_reference, "device": device,
+            "threads": cpus,
         },
         batch_size=PAIRS_PER_BATCH,
         batch_format="default",
-        compute=ray.data.ActorPoolStrategy(size=worker_count(ray, ray_options, len(pairs))),
-        num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=worker_count(ray, ray_options, len(pairs), cpus)),
+        num_cpus=cpus,
         num_gpus=gpus or None,
         udf_modifying_row_count=False,
     )  # fmt: skip

@@ -97,7 +97,8 @@ def test_eval_on_ray_gives_the_local_tables(ray_cluster, clean, tmp_path, monkey
     assert synthesize(options(clean, Path("data"))) == 0
     next(Path("data/lq").rglob("*.png")).unlink()  # its ground truth gets no prediction
     tables = {}
-    for name, extra in (("local", []), ("remote", ["--engine", "ray", "--ray-workers", "2"])):
+    # One actor with both CPUs (and two torch threads) of the test cluster.
+    for name, extra in (("local", []), ("remote", ["--engine", "ray", "--cpus-per-worker", "2"])):
         args = ["eval", "--model", "identity", "--data", "data", "-o", name, "-q", *extra]
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 1, result.output  # the missing prediction
@@ -109,3 +110,17 @@ def test_eval_on_ray_gives_the_local_tables(ray_cluster, clean, tmp_path, monkey
         tables[name] = (per_image, (Path(name) / "summary.csv").read_bytes())
     assert tables["remote"] == tables["local"]
     assert [row["status"] for row in tables["local"][0]].count("ok") == 5
+
+
+def test_worker_count_divides_the_cluster_by_what_each_worker_takes():
+    from types import SimpleNamespace
+
+    from restore_cli.distributed import JOBS_PER_BATCH, RayOptions, worker_count
+
+    cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 16.0, "GPU": 2.0})
+    many = 100 * JOBS_PER_BATCH
+    assert worker_count(cluster, RayOptions(), many) == 16
+    assert worker_count(cluster, RayOptions(cpus_per_worker=4), many, cpus=4) == 4
+    assert worker_count(cluster, RayOptions(gpus_per_worker=0.5), many) == 4
+    assert worker_count(cluster, RayOptions(), 2 * JOBS_PER_BATCH) == 2  # no idle actors
+    assert worker_count(cluster, RayOptions(workers=3), many) == 3
