@@ -288,3 +288,27 @@ def test_nafnet_local_configs_are_checked() -> None:
         True,
     )
     assert local.detect(_randomised(local.build(SMALL_CONFIG)).state_dict()) is None
+
+
+@pytest.mark.filterwarnings("ignore:'saved_variables' is deprecated")  # spandrel's backward
+def test_fused_layer_norms_keep_the_parameters_and_the_numbers() -> None:
+    """Our NAFNet is spandrel's with its LayerNorm2d swapped for the fused kernel: the same
+    state dict (keys and tensors), the same output as spandrel's own module, forward and back."""
+    from spandrel.architectures.NAFNet import NAFNet
+
+    config = {"width": 8, "enc_blk_nums": [1, 1], "middle_blk_num": 1, "dec_blk_nums": [1, 1]}
+    torch.manual_seed(0)
+    reference = NAFNet(img_channel=3, **config)
+    for parameter in reference.parameters():  # not the init's ones and zeros
+        nn.init.normal_(parameter, std=0.1)
+    ours = get_architecture("nafnet").build({"img_channel": 3, **config})
+    strict_load(ours, reference.state_dict(), Path("reference"), "nafnet")
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    norms = [type(m).__module__ for m in ours.modules() if type(m).__name__ == "LayerNorm2d"]
+    assert norms and set(norms) == {"restore_cli.models.nafnet"}
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    expected, got = reference(x), ours(x)
+    assert torch.allclose(got, expected, atol=1e-5)
+    (grad_ref,) = torch.autograd.grad(expected.square().sum(), x)
+    (grad_ours,) = torch.autograd.grad(got.square().sum(), x)
+    assert torch.allclose(grad_ours, grad_ref, atol=1e-4)

@@ -76,7 +76,7 @@ def detect_nafnet(state_dict: StateDict) -> dict[str, Any] | None:
 def build_nafnet(config: Mapping[str, Any]) -> nn.Module:
     """Build spandrel's NAFNet from a checked config (unknown keys are a user error)."""
     kwargs = _checked_config(config)
-    return spandrel_nafnet()(**kwargs)
+    return with_fused_layer_norms(spandrel_nafnet()(**kwargs))
 
 
 def spandrel_nafnet() -> type[nn.Module]:
@@ -86,6 +86,44 @@ def spandrel_nafnet() -> type[nn.Module]:
     from spandrel.architectures.NAFNet import NAFNet
 
     return NAFNet
+
+
+class LayerNorm2d(nn.Module):
+    """NAFNet's per-pixel LayerNorm over channels (keys ``weight``/``bias``, eps 1e-6).
+
+    The same formula as the official one (biased variance, eps inside the root), through the
+    fused kernel over the last axis of an NHWC view, which is free for channels_last input.
+    spandrel's copy computes it in six elementwise ops (a hand-written autograd function). A
+    3840x2160 restore on 2 CPU cores (under cProfile): `unirestorer` 19.5 → 15.0 s,
+    `nafnet-allinone-s` 11.8 and 13.4 → 10.6 and 10.6 s.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[1],)
+        normed = F.layer_norm(x.permute(0, 2, 3, 1), shape, self.weight, self.bias, self.eps)
+        return normed.permute(0, 3, 1, 2)
+
+
+def with_fused_layer_norms(module: nn.Module) -> nn.Module:
+    """Swap spandrel's LayerNorm2d modules for :class:`LayerNorm2d`, keeping their parameters
+    (so names, values and a loaded checkpoint stay exactly as they were)."""
+    swaps = [
+        (name, child)
+        for name, child in module.named_modules()
+        if type(child).__name__ == "LayerNorm2d" and not isinstance(child, LayerNorm2d)
+    ]
+    for name, old in swaps:
+        parent_name, _, attribute = name.rpartition(".")
+        fused = LayerNorm2d(old.weight.shape[0], float(old.eps))
+        fused.weight, fused.bias = old.weight, old.bias
+        setattr(module.get_submodule(parent_name), attribute, fused)
+    return module
 
 
 def nafnet_spec(config: Mapping[str, Any]) -> ModelSpec:
@@ -211,7 +249,7 @@ def tlsc_kernel_sizes(
 def build_nafnet_local(config: Mapping[str, Any]) -> nn.Module:
     """spandrel's NAFNet with every channel-attention pool replaced by its TLSC local mean."""
     kwargs, train_size = _checked_local_config(config)
-    module = spandrel_nafnet()(**kwargs)
+    module = with_fused_layer_norms(spandrel_nafnet()(**kwargs))
     for path, kernel in tlsc_kernel_sizes(kwargs, train_size).items():
         block_path, _, _ = path.rpartition(".sca.")
         attention = module.get_submodule(block_path).sca
