@@ -40,7 +40,6 @@ from restore_cli.engine import EngineOptions
 from restore_cli.io.discover import expand_inputs, plan_jobs
 from restore_cli.models.loading import load_model
 from restore_cli.restore import JobRunner, RestoreOptions
-from restore_cli.tiling import pad_to_multiple, plan_tiles
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 SHIPPED = ["unirestorer", "nafnet-allinone-s", "diffuir-t"]
@@ -72,18 +71,7 @@ def measure(args: argparse.Namespace) -> dict:
         engine.restore_tensor(image)  # warm-up (and compile); sets this image's route
         sync()
         first_image = time.perf_counter() - started
-        tile = engine.choose_tile(height, width)
-        spec = loaded.spec
-        padded = pad_to_multiple(image, spec.size_multiple, spec.min_size, spec.square)
-        padded_h, padded_w = padded.shape[-2:]
-        if tile:
-            minimum = max(spec.min_size, tile) if args.compile else spec.min_size
-            padded = pad_to_multiple(image, spec.size_multiple, minimum)
-            first = plan_tiles(*padded.shape[-2:], tile, options.engine.tile_overlap,
-                               spec.size_multiple, balance=not args.compile)[0]  # fmt: skip
-            tile_h, tile_w = first.y1 - first.y0, first.x1 - first.x0
-        else:
-            tile_h, tile_w = padded_h, padded_w
+        tile_h, tile_w = engine.forward_size(height, width)
         batch = torch.rand(engine.batch_size, 3, tile_h, tile_w, device=engine.device)
         engine.forward(batch)
         sync()

@@ -20,7 +20,7 @@ import torch
 
 from restore_cli.errors import ConfigError, RestoreCliError
 from restore_cli.models.registry import LoadedModel
-from restore_cli.tiling import run_tiled
+from restore_cli.tiling import forward_size, run_tiled
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -210,6 +210,10 @@ class Engine:
             self._mib_per_mp[precision] = peak / 2**20 / (side * side / 1e6)
         return self._mib_per_mp[precision]
 
+    def forward_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of each network input :meth:`restore` makes for an image of this size."""
+        return forward_size(height, width, **self._tiling(self.choose_tile(height, width)))
+
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """One network call on a batch of tiles, as :meth:`restore` makes it (precision,
         layout, compiled network, the last restored image's route): what
@@ -251,15 +255,9 @@ class Engine:
                 output = run_tiled(
                     lambda batch: self._forward(batch, precision),
                     image,
-                    tile=tile,
-                    overlap=self.options.tile_overlap,
                     scale=spec.scale,
-                    size_multiple=spec.size_multiple,
                     batch_size=self.batch_size,
-                    # compiled: every tile exactly ``tile`` (see EngineOptions.compile)
-                    min_size=max(spec.min_size, tile) if self.options.compile else spec.min_size,
-                    square=spec.square,
-                    balance=not self.options.compile,
+                    **self._tiling(tile),
                 )
                 return output, tile
             except (torch.OutOfMemoryError, RuntimeError) as error:
@@ -274,6 +272,19 @@ class Engine:
                     torch.cuda.empty_cache()
                 info.notes.append(f"out of memory at tile {tile or 'whole'}; retried at {smaller}")
                 tile = smaller
+
+    def _tiling(self, tile: int) -> dict[str, Any]:
+        """The geometry arguments of run_tiled (and forward_size) for this tile side."""
+        spec = self.model.spec
+        return {
+            "tile": tile,
+            "overlap": self.options.tile_overlap,
+            "size_multiple": spec.size_multiple,
+            # compiled: every tile exactly ``tile`` (see EngineOptions.compile)
+            "min_size": max(spec.min_size, tile) if self.options.compile else spec.min_size,
+            "square": spec.square,
+            "balance": not self.options.compile,
+        }
 
     def _smaller_tile(self, tile: int, height: int, width: int) -> int | None:
         current = tile or max(height, width)

@@ -171,6 +171,40 @@ def batched(items: list[Tile], size: int) -> Iterator[list[Tile]]:
         yield items[start : start + size]
 
 
+def fit_tile(tile: int, overlap: int, size_multiple: int, min_size: int) -> tuple[int, int]:
+    """The tile side and overlap :func:`run_tiled` really uses for a requested pair."""
+    tile = max(tile // size_multiple * size_multiple, size_multiple, min_size)
+    tile = _round_up(tile, size_multiple)  # min_size need not be a multiple
+    overlap = max(min(overlap, tile // 2 - 1), 0)
+    if tile - overlap < size_multiple:
+        # Starts are multiples of the alignment, so a step is at least one multiple: a smaller
+        # tile could not keep the overlap, and its blend ramps would meet a seam with no
+        # neighbour behind it (weights summing to 0 there). Found by tests/test_fuzz.py.
+        tile = _round_up(overlap + size_multiple, size_multiple)
+    return tile, overlap
+
+
+def forward_size(
+    height: int,
+    width: int,
+    *,
+    tile: int,
+    overlap: int,
+    size_multiple: int = 1,
+    min_size: int = 0,
+    square: bool = False,
+    balance: bool = True,
+) -> tuple[int, int]:
+    """The (h, w) of the network inputs :func:`run_tiled` makes for an image of this size (its
+    first tile; same arguments): what a benchmark of the pure forward should time."""
+    if tile <= 0 or (height <= tile and width <= tile):
+        return padded_size(height, width, size_multiple, min_size, square)
+    padded_h, padded_w = padded_size(height, width, size_multiple, min_size)
+    tile, overlap = fit_tile(tile, overlap, size_multiple, min_size)
+    first = plan_tiles(padded_h, padded_w, tile, overlap, size_multiple, balance)[0]
+    return padded_size(first.y1 - first.y0, first.x1 - first.x0, size_multiple, min_size, square)
+
+
 def run_tiled(
     forward: Forward,
     image: torch.Tensor,
@@ -198,14 +232,7 @@ def run_tiled(
     # Pad once, before tiling, so border tiles see exactly what a whole-image run sees.
     padded = pad_to_multiple(image, size_multiple, min_size)
     padded_h, padded_w = padded.shape[-2:]
-    tile = max(tile // size_multiple * size_multiple, size_multiple, min_size)
-    tile = _round_up(tile, size_multiple)  # min_size need not be a multiple
-    overlap = max(min(overlap, tile // 2 - 1), 0)
-    if tile - overlap < size_multiple:
-        # Starts are multiples of the alignment, so a step is at least one multiple: a smaller
-        # tile could not keep the overlap, and its blend ramps would meet a seam with no
-        # neighbour behind it (weights summing to 0 there). Found by tests/test_fuzz.py.
-        tile = _round_up(overlap + size_multiple, size_multiple)
+    tile, overlap = fit_tile(tile, overlap, size_multiple, min_size)
     tiles = plan_tiles(padded_h, padded_w, tile, overlap, size_multiple, balance)
     output: torch.Tensor | None = None
     weight_sum: torch.Tensor | None = None

@@ -264,3 +264,28 @@ def test_compile_with_inductor_matches_eager_fp32(device):
     else:
         assert difference.mean() < 5e-3
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("spec", "options", "size"),
+    [
+        ({}, {}, (300, 200)),  # whole image
+        ({"size_multiple": 8}, {}, (700, 1100)),  # auto 512 tiles, balanced
+        ({"size_multiple": 4, "min_size": 40, "square": True}, {"tile": 64}, (30, 150)),
+        ({"size_multiple": 4}, {"tile": 64, "tile_overlap": 40}, (130, 101)),
+    ],
+)
+def test_forward_size_is_what_the_network_gets(spec, options, size):
+    module = RecordsInputs()
+    engine = Engine(loaded(module, **spec), EngineOptions(device="cpu", **options))
+    image = np.random.default_rng(8).random((*size, 3), dtype=np.float32)
+    engine.restore(image)
+    assert module.seen[0][0][-2:] == engine.forward_size(*size)  # the first tile's shape
+
+
+def test_forward_size_when_compiled(eager_compile):
+    engine = Engine(loaded(LocalConvNet(), size_multiple=4),
+                    EngineOptions(device="cpu", tile=64, compile=True))  # fmt: skip
+    for size in [(40, 30), (130, 101)]:
+        engine.restore(np.zeros((*size, 3), dtype=np.float32))
+        assert {shape[-2:] for shape in eager_compile} == {engine.forward_size(*size)}
