@@ -51,6 +51,19 @@ class RayOptions:
     # memory for the same cores. Synthesize tasks always take one.
     cpus_per_worker: int = 1
 
+    def __post_init__(self) -> None:
+        """Checked here, once, for every command that takes these options."""
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"--gpus-per-worker {self.gpus_per_worker}: must be >= 0")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--ray-workers {self.workers}: must be at least 1")
+        if self.cpus_per_worker < 1:
+            raise ConfigError(f"--cpus-per-worker {self.cpus_per_worker}: must be >= 1")
+
+    def actor_device(self, device: str) -> str:
+        """The device a model actor runs on: ``auto`` means CUDA when it was given GPUs."""
+        return "cuda" if self.gpus_per_worker > 0 and device == "auto" else device
+
 
 def import_ray() -> Any:
     try:
@@ -102,12 +115,6 @@ class RayRestoreRun(RestoreRun):
         if options.weights is not None:
             options = replace(options, weights=options.weights.absolute())
         self.ray_options = ray_options
-        if ray_options.gpus_per_worker < 0:
-            raise ConfigError(f"--gpus-per-worker {ray_options.gpus_per_worker}: must be >= 0")
-        if ray_options.workers is not None and ray_options.workers < 1:
-            raise ConfigError(f"--ray-workers {ray_options.workers}: must be at least 1")
-        if ray_options.cpus_per_worker < 1:
-            raise ConfigError(f"--cpus-per-worker {ray_options.cpus_per_worker}: must be >= 1")
         super().__init__(options, model, streams)
 
     def make_runner(self) -> None:
@@ -132,9 +139,8 @@ class RayRestoreRun(RestoreRun):
             for job in work
         ]
         gpus = self.ray_options.gpus_per_worker
-        options = self.options
-        if gpus > 0 and options.engine.device == "auto":
-            options = replace(options, engine=replace(options.engine, device="cuda"))
+        device = self.ray_options.actor_device(self.options.engine.device)
+        options = replace(self.options, engine=replace(self.options.engine, device=device))
         dataset = ray.data.from_items(items).map_batches(
             RestoreWorker,
             fn_constructor_kwargs={
@@ -308,7 +314,7 @@ def score_on_ray(
         for model, pair in pairs
     ]
     gpus, cpus = ray_options.gpus_per_worker, ray_options.cpus_per_worker
-    device = "cuda" if gpus > 0 and options.engine.device == "auto" else options.engine.device
+    device = ray_options.actor_device(options.engine.device)
     dataset = ray.data.from_items(items).map_batches(
         ScoreWorker,
         fn_constructor_kwargs={

@@ -124,3 +124,16 @@ def test_worker_count_divides_the_cluster_by_what_each_worker_takes():
     assert worker_count(cluster, RayOptions(gpus_per_worker=0.5), many) == 4
     assert worker_count(cluster, RayOptions(), 2 * JOBS_PER_BATCH) == 2  # no idle actors
     assert worker_count(cluster, RayOptions(workers=3), many) == 3
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [({"gpus_per_worker": -1}, "--gpus-per-worker"), ({"workers": 0}, "--ray-workers"),
+     ({"cpus_per_worker": 0}, "--cpus-per-worker")],
+)  # fmt: skip
+def test_bad_ray_options_are_usage_errors_for_every_command(values, message):
+    from restore_cli.distributed import RayOptions
+    from restore_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        RayOptions(**values)
