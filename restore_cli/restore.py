@@ -124,8 +124,8 @@ class JobRunner:
         self.model = model
         apply_conditions(model, options)
         self.engine = Engine(model, options.engine)
-        self.readers = options.readers or io_threads(self.engine.device.type)
-        self.writers = options.writers or io_threads(self.engine.device.type)
+        threads = io_threads(self.engine.device.type)
+        self.readers, self.writers = options.readers or threads, options.writers or threads
         self._writes: deque[tuple[FileRecord, Future[tuple[float, list[str]]] | None]] = deque()
         self._claims: dict[str, OutputClaim] = {}  # output path -> our claim, until finished
         self._claims_lock = threading.Lock()
