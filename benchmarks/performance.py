@@ -1,7 +1,8 @@
 """Speed of each model, pure forward against end-to-end `restore`; writes docs/performance.md.
 
     python -m benchmarks.performance --photos /tmp/photos/val [--device cpu|cuda]
-        [--model NAME ...] [--size 3840x2160 ...] [--images 3] [--compile] [--write]
+        [--model NAME ...] [--size 3840x2160 ...] [--images 3] [--compile] [--contiguous]
+        [--write]
 
 Per model and image size, each in a fresh process (so its peak memory is its own):
 
@@ -53,7 +54,11 @@ def measure(args: argparse.Namespace) -> dict:
         options = RestoreOptions(
             inputs=[args.folder],
             output_dir=Path(out),
-            engine=EngineOptions(device=args.device, compile=args.compile),
+            engine=EngineOptions(
+                device=args.device,
+                compile=args.compile,
+                channels_last=False if args.contiguous else None,
+            ),
             overwrite=True,
             quiet=True,
         )
@@ -89,6 +94,7 @@ def measure(args: argparse.Namespace) -> dict:
             "tile": f"{tile_w}x{tile_h}" + (f" ×{batch.shape[0]}" if batch.shape[0] > 1 else ""),
             "precision": engine.precision,
             "compile": args.compile,
+            "contiguous": args.contiguous,
             "forward_mp_s": forward,
             "first_image_s": first_image,
         }
@@ -160,6 +166,7 @@ def table(results: list[dict]) -> str:
         ratio = f"{e2e / r['forward_mp_s']:.0%}" if e2e else "—"
         e2e_text = f"{e2e:.3f}" if e2e else f"— ({r['note']})"
         model = r["model"] + (" (compiled)" if r["compile"] else "")
+        model += " (contiguous)" if r["contiguous"] else ""
         lines.append(
             f"| {model} | {r['size']} | {r['tile']} | {r['precision']} | "
             f"{r['forward_mp_s']:.3f} | {e2e_text} | {ratio} | {r['first_image_s']:.1f} | "
@@ -197,6 +204,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3, help="photos per size, end to end")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--contiguous", action="store_true", help="not channels_last (to compare)")
     parser.add_argument("--max-seconds", type=float, default=300.0)
     parser.add_argument("--write", action="store_true", help="update docs/performance.md")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement, as JSON
@@ -219,7 +227,7 @@ def main() -> None:
                 one = {
                     "model": model, "device": args.device, "width": width, "height": height,
                     "folder": str(folder), "compile": args.compile, "repeats": args.repeats,
-                    "max_seconds": args.max_seconds,
+                    "max_seconds": args.max_seconds, "contiguous": args.contiguous,
                 }  # fmt: skip
                 command = [sys.executable, "-m", "benchmarks.performance", "--one", json.dumps(one)]
                 done = subprocess.run(command, capture_output=True, text=True, check=False)
