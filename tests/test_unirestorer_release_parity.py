@@ -23,11 +23,9 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from restore_cli.models.daclip import DACLIP_VIT_B_32, DaCLIP
+from restore_cli.models.daclip import CLIP_MEAN, CLIP_STD, DACLIP_VIT_B_32, DaCLIP, clip_preprocess
 from restore_cli.models.lora_restormer import ConvLoRA, LoRARestormer, lora_modules
 from restore_cli.models.unirestorer_release import (
-    CLIP_MEAN,
-    CLIP_STD,
     EXPERT_INDICES,
     EXPERT_KINDS,
     EXPERT_LAYOUT,
@@ -35,7 +33,6 @@ from restore_cli.models.unirestorer_release import (
     RELEASE_EXPERT_KWARGS,
     UniRestorerRelease,
     build_expert,
-    clip_preprocess,
     layer_load_loss,
     router_body,
     unwrap_release_checkpoint,

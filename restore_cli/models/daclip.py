@@ -340,6 +340,49 @@ def parse_daclip_config(
     return int(model_config["embed_dim"]), vision, text, bool(model_config.get("quick_gelu"))
 
 
+# ----------------------------------------------------------------------------- preprocessing
+
+# OpenAI CLIP's input normalisation (open_clip OPENAI_DATASET_MEAN / _STD) and the release's size.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_IMAGE_SIZE = 224
+
+
+def clip_preprocess(
+    images_rgb01: torch.Tensor, size: int = CLIP_IMAGE_SIZE, *, quantize: bool = True
+) -> torch.Tensor:
+    """OpenAI-CLIP preprocessing in torch: [B,3,H,W] (or [3,H,W]) RGB in [0,1] → [B,3,size,size].
+
+    Mirrors open_clip's eval transform on a PIL image: resize the shorter side to ``size``
+    (bicubic, antialiased like PIL; longer side ``int(size·long/short)``), center-crop
+    ``size``×``size`` (offsets rounded like torchvision), ToTensor, Normalize(OpenAI mean/std).
+    ``quantize`` rounds to uint8 levels before and after the resize, as the PIL path does
+    (upstream reads the LQ file as an 8-bit PIL image).
+    """
+    x = images_rgb01.unsqueeze(0) if images_rgb01.ndim == 3 else images_rgb01
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected [B, 3, H, W] RGB images, got {tuple(images_rgb01.shape)}")
+    x = x.float().clamp(0.0, 1.0) * 255.0
+    if quantize:
+        x = x.round()
+    height, width = x.shape[-2:]
+    if height <= width:
+        new_h, new_w = size, int(size * width / height)
+    else:
+        new_h, new_w = int(size * height / width), size
+    # PIL resamples horizontally, stores uint8, then vertically: two passes, each quantised.
+    for size_hw in ((height, new_w), (new_h, new_w)):
+        if tuple(x.shape[-2:]) == size_hw:
+            continue
+        x = F.interpolate(x, size=size_hw, mode="bicubic", align_corners=False, antialias=True)
+        x = x.round().clamp(0.0, 255.0) if quantize else x.clamp(0.0, 255.0)
+    top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)
+    x = x[:, :, top : top + size, left : left + size] / 255.0
+    mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 # ----------------------------------------------------------------------------- DA-CLIP
 
 
@@ -368,8 +411,7 @@ class DaCLIP(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``control=True``: (image_features, degradation_features); else plain CLIP features.
 
-        ``image`` is CLIP-normalised [B, 3, S, S] (see ``clip_preprocess`` in
-        ``unirestorer_release.py``).
+        ``image`` is CLIP-normalised [B, 3, S, S] (see :func:`clip_preprocess`).
         """
         if not control:
             return self.clip.encode_image(image, normalize)

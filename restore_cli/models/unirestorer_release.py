@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from restore_cli.models.daclip import DACLIP_VIT_B_32, DaCLIP
+from restore_cli.models.daclip import DACLIP_VIT_B_32, DaCLIP, clip_preprocess
 from restore_cli.models.dehazeformer import DEHAZEFORMER_L, DehazeFormer
 from restore_cli.models.lora_restormer import LoRARestormer, PaddedRestormer
 from restore_cli.models.nafnet import OFFICIAL_TRAIN_SIZE, build_nafnet_local
@@ -57,9 +57,6 @@ SOURCE = "https://github.com/mrluin/UniRestorer"
 UPSTREAM_COMMIT = "88b933cd5cb5a2ba9c1c4f7349f244f36dea2e55"
 
 # OpenAI CLIP normalisation (open_clip's OPENAI_DATASET_MEAN/STD).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_IMAGE_SIZE = 224
 
 RELEASE_NUM_EXPERTS = (1, 7, 22)
 # The router layers are 512 wide; the DA-CLIP embedding must match.
@@ -208,41 +205,6 @@ def layer_load_loss(layer_probs: torch.Tensor, weight: float = CV_LOSS_WEIGHT) -
     """Upstream's aux loss: weight × cv² of the L1-normalised batch sum of the [B, 3] layer
     probabilities. cv² sees the 3-vector, so a batch of one gives 0 only for a uniform load."""
     return cv_squared(F.normalize(layer_probs.sum(0), p=1, dim=-1)) * weight
-
-
-def clip_preprocess(
-    images_rgb01: torch.Tensor, size: int = CLIP_IMAGE_SIZE, *, quantize: bool = True
-) -> torch.Tensor:
-    """OpenAI-CLIP preprocessing in torch: [B,3,H,W] (or [3,H,W]) RGB in [0,1] → [B,3,size,size].
-
-    Mirrors open_clip's eval transform on a PIL image: resize the shorter side to ``size``
-    (bicubic, antialiased like PIL; longer side ``int(size·long/short)``), center-crop
-    ``size``×``size`` (offsets rounded like torchvision), ToTensor, Normalize(OpenAI mean/std).
-    ``quantize`` rounds to uint8 levels before and after the resize, as the PIL path does
-    (upstream reads the LQ file as an 8-bit PIL image).
-    """
-    x = images_rgb01.unsqueeze(0) if images_rgb01.ndim == 3 else images_rgb01
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected [B, 3, H, W] RGB images, got {tuple(images_rgb01.shape)}")
-    x = x.float().clamp(0.0, 1.0) * 255.0
-    if quantize:
-        x = x.round()
-    height, width = x.shape[-2:]
-    if height <= width:
-        new_h, new_w = size, int(size * width / height)
-    else:
-        new_h, new_w = int(size * height / width), size
-    # PIL resamples horizontally, stores uint8, then vertically: two passes, each quantised.
-    for size_hw in ((height, new_w), (new_h, new_w)):
-        if tuple(x.shape[-2:]) == size_hw:
-            continue
-        x = F.interpolate(x, size=size_hw, mode="bicubic", align_corners=False, antialias=True)
-        x = x.round().clamp(0.0, 255.0) if quantize else x.clamp(0.0, 255.0)
-    top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)
-    x = x[:, :, top : top + size, left : left + size] / 255.0
-    mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def unwrap_release_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
