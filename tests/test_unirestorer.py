@@ -301,7 +301,30 @@ def test_route_refuses_a_model_without_experts(tmp_path):
 # ----------------------------------------------------------------------------- training stages
 
 
-def test_three_training_stages_chain_through_init(tmp_path):
+# DA-CLIP at the size of the parity fixture's (shared/parity/unirestorer/tiny.json).
+TINY_DACLIP = {
+    "embed_dim": 512,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 32, "heads": 2, "layers": 1},
+    "custom_text": True,
+}
+
+
+def open_clip_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A random tiny DA-CLIP saved the way open_clip's trainer saves it (DataParallel keys)."""
+    from restore_cli.models.daclip import DaCLIP
+
+    torch.manual_seed(5)
+    tensors = DaCLIP(TINY_DACLIP).state_dict()
+    state = {"module." + key: value.clone() for key, value in tensors.items()}
+    torch.save({"epoch": 1, "name": "daclip", "state_dict": state}, path)
+    return tensors
+
+
+@pytest.mark.parametrize("encoder", ["cnn", "daclip"])
+def test_three_training_stages_chain_through_init(tmp_path, encoder):
+    """Encoder → experts → router, each stage started from the last; with ``encoder: daclip``
+    the encoder stage starts from an open_clip DA-CLIP checkpoint, which stays frozen."""
     from tests.test_train import natural_image
 
     photos = tmp_path / "photos"
@@ -309,8 +332,13 @@ def test_three_training_stages_chain_through_init(tmp_path):
         (photos / split).mkdir(parents=True)
         for seed in seeds:
             Image.fromarray(natural_image(seed)).save(photos / split / f"p{seed}.png")
+    config_model = dict(TINY)
+    if encoder == "daclip":
+        config_model.update(encoder="daclip", daclip_config=TINY_DACLIP)
+        daclip = open_clip_checkpoint(tmp_path / "daclip.pt")
+        previous_init = [{"path": str(tmp_path / "daclip.pt"), "prefix": "encoder.daclip."}]
     base = {
-        "model": {"arch": "unirestorer", "config": TINY},
+        "model": {"arch": "unirestorer", "config": config_model},
         "data": {
             "clean": [str(photos / "train")],
             "degradations": {"types": list(FAMILIES), "gated": True, "probability": 0.2},
@@ -334,6 +362,8 @@ def test_three_training_stages_chain_through_init(tmp_path):
         raw["model"]["stage"] = stage
         if previous is not None:
             raw["model"]["init"] = [str(previous)]
+        elif encoder == "daclip":
+            raw["model"]["init"] = previous_init
         if stage == "encoder":
             raw["val_every"] = 0
         config = tmp_path / f"{stage}.yaml"
@@ -349,7 +379,17 @@ def test_three_training_stages_chain_through_init(tmp_path):
     assert int(final["clusters_fitted"]) == 1
     encoder_weights = read_state_dict(tmp_path / "encoder" / "final.safetensors")
     # later stages leave the encoder alone
-    for key in ("encoder.stem.weight", "encoder.stages.0.down_norm.running_mean"):
+    kept = ["encoder.type_head.weight", "encoder.project.1.weight"]
+    if encoder == "cnn":
+        kept += ["encoder.stem.weight", "encoder.stages.0.down_norm.running_mean"]
+    else:  # DA-CLIP is frozen from the start, and the encoder stage trained its heads
+        for key, value in daclip.items():
+            torch.testing.assert_close(final["encoder.daclip." + key], value)
+        fresh = UniRestorer(**config_model).state_dict()
+        assert not torch.equal(
+            encoder_weights["encoder.type_head.bias"], fresh["encoder.type_head.bias"]
+        )
+    for key in kept:
         torch.testing.assert_close(final[key], encoder_weights[key])
     loaded = load_model(str(previous))
     with torch.no_grad():
@@ -367,3 +407,40 @@ def test_unknown_stage_and_stage_on_a_dense_model_are_config_errors(tmp_path):
         parse_config(raw)
     with pytest.raises(ModelError, match="unknown UniRestorer stage"):
         UniRestorer(**TINY).set_stage("decoder")
+
+
+def test_daclip_encoder_embeds_the_control_towers_features_of_each_crop():
+    from restore_cli.models.daclip import clip_preprocess
+    from restore_cli.models.degradation_encoder import DaclipDegradationEncoder
+
+    torch.manual_seed(0)
+    encoder = DaclipDegradationEncoder(7, embed_dim=16, crop=24, daclip_config=TINY_DACLIP).eval()
+    crops = torch.rand(2, 3, 24, 24)
+    _, degradation = encoder.daclip.encode_image(clip_preprocess(crops, 32, quantize=False), True)
+    torch.testing.assert_close(encoder.features(crops), encoder.project(degradation))
+    embedding, type_logits, degree = encoder.encode_image(torch.rand(1, 3, 40, 56))
+    assert embedding.shape == (1, 16) and type_logits.shape == degree.shape == (1, 7)
+    with pytest.raises(ModelError, match="encoder 'clip' unknown"):
+        get_architecture("unirestorer").build({**TINY, "encoder": "clip"})
+
+
+def test_blockiness_sees_jpeg_blocks_on_the_crop_grid_only():
+    from restore_cli.degradations.jpeg import jpeg_round_trip
+    from restore_cli.models.degradation_encoder import blockiness, fixed_crop
+    from tests.test_train import natural_image
+
+    clean = natural_image(3)[:128, :128]
+    jpeg = jpeg_round_trip(np.ascontiguousarray(clean), 60)
+
+    def as_tensor(pixels: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 255
+
+    cue_clean, cue_jpeg = blockiness(as_tensor(clean)), blockiness(as_tensor(jpeg))
+    assert (cue_jpeg > 0.2).all() and (cue_clean.abs() < 0.1).all()
+    shifted = blockiness(as_tensor(jpeg)[..., 3:, 5:])  # off the 8x8 grid: the cue is gone
+    assert (shifted < cue_jpeg / 2).all()
+    # fixed crops start on the 16 px grid, so a JPEG's blocks line up as in training
+    ramp = torch.arange(100 * 150, dtype=torch.float32).view(1, 1, 100, 150)
+    for fy, fx in ((0.5, 0.5), (0.3, 0.7)):
+        corner = fixed_crop(ramp, 32, fy, fx)[0, 0, 0, 0]
+        assert int(corner) // 150 % 16 == 0 and int(corner) % 150 % 16 == 0

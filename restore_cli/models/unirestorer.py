@@ -6,7 +6,8 @@ understand, nothing copied; its released network is :mod:`restore_cli.models.uni
 
 * Degradation representation: :class:`DegradationEncoder`, a small CNN trained here on the
   degradation library (types + degrees + contrastive term) instead of DA-CLIP, whose CLIP weights
-  cannot be downloaded where we build.
+  cannot be downloaded where we build; ``encoder: daclip`` puts the paper's frozen DA-CLIP in its
+  place (:class:`DaclipDegradationEncoder`) for users who have its weights.
 * Hierarchical clustering of the training set's embeddings: k-means into ``leaves`` fine
   clusters ("degree"), k-means of their centres into ``types`` clusters ("type"), and one root
   ("all"); stored in the weights as buffers, so routing is reproducible from the file alone.
@@ -42,7 +43,9 @@ from torch import nn
 from restore_cli.errors import ModelError
 from restore_cli.models.degradation_encoder import (
     DEGREE_OF_LEVEL,
+    DaclipDegradationEncoder,
     DegradationEncoder,
+    EncoderHeads,
     supervised_contrastive,
 )
 from restore_cli.models.nafnet import LayerNorm2d
@@ -56,6 +59,7 @@ from restore_cli.models.registry import (
 from restore_cli.routing import GRANULARITIES, Route, granularity_index
 
 STAGES = ("encoder", "experts", "router")
+ENCODERS = ("cnn", "daclip")
 DEFAULT_FAMILIES = ("noise", "blur", "jpeg", "lowlight", "haze", "rain", "snow")
 LICENCE = "MIT (restore-cli; architecture written and weights trained here)"
 SOURCE = "https://github.com/mrluin/UniRestorer (paper); architecture and weights: restore-cli"
@@ -70,8 +74,11 @@ DEFAULTS: dict[str, Any] = {
     "leaves": 21,
     "types": 7,
     "embed_dim": 64,
+    "encoder": "cnn",  # or "daclip": DA-CLIP's degradation features (daclip_config, ViT-B-32)
+    "daclip_config": None,
     "encoder_width": 24,
     "encoder_crop": 128,
+    "encoder_block_cues": True,
     "topk": 1,
     "cluster_samples": 2048,
 }
@@ -287,12 +294,22 @@ class UniRestorer(nn.Module):
         self.cluster_samples = int(settings["cluster_samples"])
         self.num_experts = 1 + self.num_types + self.num_leaves
         embed = int(settings["embed_dim"])
-        self.encoder = DegradationEncoder(
-            len(self.families),
-            width=int(settings["encoder_width"]),
-            embed_dim=embed,
-            crop=int(settings["encoder_crop"]),
-        )
+        self.encoder: EncoderHeads
+        if settings["encoder"] == "daclip":
+            self.encoder = DaclipDegradationEncoder(
+                len(self.families),
+                embed_dim=embed,
+                crop=int(settings["encoder_crop"]),
+                daclip_config=settings["daclip_config"],
+            )
+        else:
+            self.encoder = DegradationEncoder(
+                len(self.families),
+                width=int(settings["encoder_width"]),
+                embed_dim=embed,
+                crop=int(settings["encoder_crop"]),
+                block_cues=bool(settings["encoder_block_cues"]),
+            )
         self.mu = mlp(embed)
         self.sigma = mlp(embed)
         self.leaf_gate = nn.Linear(embed, self.num_leaves)
@@ -433,7 +450,7 @@ class UniRestorer(nn.Module):
             raise ModelError(f"unknown UniRestorer stage {stage!r} (valid: {', '.join(STAGES)})")
         self.stage = stage
         trained = {
-            "encoder": [self.encoder],
+            "encoder": self.encoder.trainable(),
             "experts": [self.restorer],
             "router": [self.mu, self.sigma, self.leaf_gate, self.leaf_noise, self.layer_gate],
         }[stage]
@@ -580,6 +597,10 @@ def checked_config(config: Mapping[str, Any]) -> dict[str, Any]:
     bad = [f for f in settings["families"] if f not in known]
     if bad:
         raise ModelError(f"unirestorer families {bad} unknown (valid: {', '.join(known)})")
+    if settings["encoder"] not in ENCODERS:
+        raise ModelError(
+            f"unirestorer encoder {settings['encoder']!r} unknown (valid: {', '.join(ENCODERS)})"
+        )
     if int(settings["types"]) > int(settings["leaves"]):
         raise ModelError("unirestorer config: 'types' must not exceed 'leaves'")
     return dict(config)
@@ -604,8 +625,11 @@ def unirestorer_spec(config: Mapping[str, Any]) -> ModelSpec:
 
 
 def detect_unirestorer(state_dict: StateDict) -> dict[str, Any] | None:
-    """Read the config of one of our UniRestorer files back from its tensor shapes."""
+    """Read the config of one of our UniRestorer files back from its tensor shapes (the CNN
+    encoder's; a DA-CLIP-encoder file is read with the config in its header)."""
     if "leaf_centres" not in state_dict or "restorer.intro.weight" not in state_dict:
+        return None
+    if "encoder.stem.weight" not in state_dict:
         return None
 
     def blocks(prefix: str, count: int) -> list[int]:
@@ -619,6 +643,8 @@ def detect_unirestorer(state_dict: StateDict) -> dict[str, Any] | None:
     intro = state_dict["restorer.intro.weight"]
     first_lora = next(v for k, v in state_dict.items() if k.endswith("conv1.lora_a"))
     stem = state_dict["encoder.stem.weight"]
+    encoder_width = int(stem.shape[0])
+    pooled = int(state_dict["encoder.project.0.weight"].shape[0])
     return {
         "families": list(DEFAULT_FAMILIES),
         "width": int(intro.shape[0]),
@@ -629,7 +655,9 @@ def detect_unirestorer(state_dict: StateDict) -> dict[str, Any] | None:
         "leaves": int(leaves),
         "types": int(state_dict["type_families"].shape[0]),
         "embed_dim": int(embed),
-        "encoder_width": int(stem.shape[0]),
+        "encoder_width": encoder_width,
+        # the pooled statistics: 2·(stem + 10·width) CNN channels, 6 of the input, 2 block cues
+        "encoder_block_cues": pooled == 22 * encoder_width + 8,
     }
 
 

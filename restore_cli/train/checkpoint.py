@@ -81,9 +81,17 @@ def weights_metadata(
 
 
 def weights_bytes(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """safetensors bytes of a state dict; a tensor registered under two names (DA-CLIP's
+    ``visual`` is ``clip.visual``) is stored twice, because safetensors refuses shared memory
+    and a strict load of the architecture expects both names."""
     from safetensors.torch import save
 
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+    tensors, seen = {}, set()
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        tensors[name] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
     return save(tensors, metadata=dict(metadata))
 
 
