@@ -291,6 +291,8 @@ def test_resume_auto_takes_the_latest_complete_checkpoint(photos, tmp_path):
     assert resolve_resume(run_dir, str(named)).step == 4
     with pytest.raises(ConfigError, match="incomplete"):
         resolve_resume(run_dir, str(latest.weights))
+    with (run_dir / "log.csv").open("a") as handle:
+        handle.write("1")  # and killed in the middle of writing a log row
     result = run_training(
         TrainOptions(TINY, data_overrides(photos), resume="auto", run_dir=run_dir, quiet=True)
     )

@@ -256,10 +256,11 @@ class CsvLog:
         self.columns = columns
         kept = []
         if keep_through_step > 0 and path.is_file():
-            with path.open(newline="", encoding="utf-8") as handle:
-                kept = [
-                    row for row in csv.DictReader(handle) if _row_step(row) <= keep_through_step
-                ]
+            text = path.read_text(encoding="utf-8")
+            if not text.endswith("\n"):  # a kill mid-write: the last row is a fragment
+                text = text[: text.rfind("\n") + 1]
+            rows = csv.DictReader(io.StringIO(text, newline=""))
+            kept = [row for row in rows if _row_step(row) <= keep_through_step]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
