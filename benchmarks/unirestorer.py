@@ -1,16 +1,19 @@
 """UniRestorer validation: quality per mode and granularity, routing accuracy, confusion matrix.
 
     python benchmarks/unirestorer.py --photos /tmp/photos/val --out /tmp/unirestorer-bench \
-        --model unirestorer --baseline nafnet-allinone-s
+        --model unirestorer --baseline nafnet-allinone-s \
+        --baseline control=runs/nafnet-allinone-s-control/final.safetensors
 
 Builds (once) sets from the fetch-photos *val* photos at fixed seeds: every single type
 (noise, blur, jpeg, lowlight, haze, rain, snow) at each level (light, medium, heavy), and three
 medium-level mixtures (haze+noise, haze+noise+rain, lowlight+haze+noise+rain, as in the paper's
 mixed table), ``--per-image`` 256 px crops per photo each. Then scores, per set, the degraded
-input, the baseline, and UniRestorer in auto mode, instruction mode (the set's own tasks) and at
-each fixed granularity (PSNR/SSIM on RGB, uint8, no crop border: docs/metrics.md). Routing: type
-accuracy (argmax of the type probabilities vs the single applied family), mean absolute degree
-error (degree head vs light/medium/heavy = 1/3, 2/3, 1), and a confusion-matrix PNG.
+input, each baseline (a model name or weights path; ``LABEL=`` names its column), and
+UniRestorer in auto mode, instruction mode (the set's own tasks) and at each fixed granularity
+(PSNR/SSIM on RGB, uint8, no crop border: docs/metrics.md). Routing: type accuracy (argmax of
+the type probabilities vs the single applied family), mean absolute degree error (degree head
+vs light/medium/heavy = 1/3, 2/3, 1), expert routing accuracy (the chosen degree leaf's most
+common training degradation is the applied one), and a confusion-matrix PNG.
 Writes ``OUT/results.json``, ``OUT/confusion.png`` and prints Markdown tables.
 """
 
@@ -89,7 +92,12 @@ def main() -> None:
     parser.add_argument("--photos", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="unirestorer")
-    parser.add_argument("--baseline", default="nafnet-allinone-s")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        help="Dense model to compare with, NAME or LABEL=NAME-OR-PATH (repeatable; "
+        "default nafnet-allinone-s).",
+    )
     parser.add_argument("--per-image", type=int, default=2)
     # One thread: on a 2-core machine with anything else running, two OpenMP threads spin-wait
     # for each other and run ~10x slower (see configs/nafnet-allinone-s.yaml).
@@ -102,11 +110,15 @@ def main() -> None:
     sets = build_sets(args.photos, args.out / "sets", args.per_image)
 
     routed = load_model(args.model)
-    baseline = Engine(load_model(args.baseline), EngineOptions(device="cpu"))
-    variants = ["input", "baseline", "auto", "instruction", "all", "type", "degree"]
+    baselines = {
+        label: Engine(load_model(source), EngineOptions(device="cpu"))
+        for label, source in map(baseline_column, args.baseline or ["nafnet-allinone-s"])
+    }
+    variants = ["input", *baselines, "auto", "instruction", "all", "type", "degree"]
     results: dict[str, dict[str, list[float]]] = {}
     confusion = np.zeros((len(TYPES), len(TYPES)), dtype=int)
     degree_errors: list[float] = []
+    leaf_hits: list[bool] = []
     for name, (folder, families, level) in sets.items():
         pairs = load_pairs(folder)[:: args.every]
         table = {f"{v}_{m}": [] for v in variants for m in ("psnr", "ssim")}
@@ -124,8 +136,8 @@ def main() -> None:
             for variant in variants:
                 if variant == "input":
                     pred = lq
-                elif variant == "baseline":
-                    pred = baseline.restore_tensor(lq)[0]
+                elif variant in baselines:
+                    pred = baselines[variant].restore_tensor(lq)[0]
                 else:
                     engine, conditions = engines[variant]
                     routed.conditions = dict(conditions)
@@ -138,6 +150,8 @@ def main() -> None:
                             route = routed.module.route(lq)
                         estimate = float(route.degree[0, TYPES.index(families[0])])
                         degree_errors.append(abs(estimate - DEGREE_OF_LEVEL[level]))
+                        leaf_members = routed.module.leaf_families[route.leaf[0]]
+                        leaf_hits.append(int(leaf_members.argmax()) == TYPES.index(families[0]))
                 value_psnr, value_ssim = scores(pred, gt)
                 table[f"{variant}_psnr"].append(value_psnr)
                 table[f"{variant}_ssim"].append(value_ssim)
@@ -150,12 +164,19 @@ def main() -> None:
         "sets": {name: {k: float(np.mean(v)) for k, v in t.items()} for name, t in results.items()},
         "type_accuracy": accuracy,
         "degree_mae": float(np.mean(degree_errors)),
+        "leaf_accuracy": float(np.mean(leaf_hits)),
         "confusion": confusion.tolist(),
         "confusion_labels": TYPES,
     }
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
     write_confusion_png(confusion, args.out / "confusion.png", accuracy)
     print_tables(summary, variants)
+
+
+def baseline_column(text: str) -> tuple[str, str]:
+    """``LABEL=SOURCE`` → (LABEL, SOURCE); a plain model name labels itself."""
+    label, _, source = text.rpartition("=")
+    return (label or source), source
 
 
 def write_confusion_png(confusion: np.ndarray, path: Path, accuracy: float) -> None:
@@ -184,7 +205,8 @@ def write_confusion_png(confusion: np.ndarray, path: Path, accuracy: float) -> N
 def print_tables(summary: dict, variants: list[str]) -> None:
     print_set_table(summary["sets"], variants)
     print(f"\ntype routing accuracy {summary['type_accuracy']:.1%}, ", end="")
-    print(f"degree MAE {summary['degree_mae']:.3f}")
+    print(f"degree MAE {summary['degree_mae']:.3f}, ", end="")
+    print(f"expert (leaf) routing accuracy {summary['leaf_accuracy']:.1%}")
 
 
 def print_set_table(rows: dict[str, dict[str, float]], columns: list[str]) -> None:
