@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import functools
 import io
-import math
 import signal
 import sys
 import time
@@ -33,7 +32,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from restore_cli.degradations import (
-    DEGRADATIONS,
     LEVELS,
     Component,
     MixtureSpec,
@@ -41,9 +39,9 @@ from restore_cli.degradations import (
     pair_seed,
     sample_chain,
 )
-from restore_cli.degradations.base import Choice
 from restore_cli.degradations.pipeline import (
     Chain,
+    check_pinned,
     single_step_chain,
     validate_levels,
     validate_types,
@@ -153,36 +151,6 @@ def parse_fixed(items: list[str]) -> dict[str, dict[str, float | int | str]]:
                 continue
         pinned.setdefault(name, {})[key] = check_pinned(name, key, value)
     return pinned
-
-
-def check_pinned(name: str, key: str, value: float | int | str) -> float | int | str:
-    """A pinned value must be one the degradation was built for: a listed choice, or a finite
-    number inside its in- and out-of-distribution ranges. Outside them the result is not a
-    physical degradation any more, and some values would never finish (a motion-blur kernel a
-    million pixels long). Unknown names and keys are left to MixtureSpec's own message."""
-    degradation = DEGRADATIONS.get(name)
-    param = next((p for p in degradation.params if p.name == key), None) if degradation else None
-    if param is None:
-        return value
-    label = f"--param {name}.{key}={value}"
-    if isinstance(param, Choice):
-        if str(value) not in param.options:
-            raise ConfigError(f"{label}: expected one of {', '.join(param.options)}")
-        return str(value)
-    if isinstance(value, str) or not math.isfinite(value):
-        raise ConfigError(f"{label}: expected a finite number")
-    bounds = [*param.in_dist, *(param.ood or ())]
-    low, high = min(bounds), max(bounds)
-    if not low <= value <= high:
-        raise ConfigError(
-            f"{label}: must be between {low:g} and {high:g} (its in- and out-of-distribution range)"
-        )
-    if param.integer:
-        if value != int(value) or (param.odd and int(value) % 2 == 0):
-            kind = "an odd whole number" if param.odd else "a whole number"
-            raise ConfigError(f"{label}: must be {kind}")
-        return int(value)
-    return value
 
 
 def plan_pairs(options: SynthesizeOptions) -> tuple[list[PairJob], list[str]]:

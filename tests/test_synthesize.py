@@ -223,3 +223,6 @@ def test_pinned_parameters_override_the_sampled_ones():
         make_spec(["gaussian_noise"], ["heavy"], fixed=["gaussian_noise.sgima=25"])
     with pytest.raises(ConfigError, match=r"NAME\.PARAM=VALUE"):
         make_spec(["gaussian_noise"], ["heavy"], fixed=["sigma25"])
+    # a MixtureSpec made in code checks the pinned values as --param does
+    with pytest.raises(ConfigError, match="must be between"):
+        MixtureSpec(("gaussian_noise",), fixed={"gaussian_noise": {"sigma": 1e6}})

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from restore_cli.degradations.base import DEGRADATIONS, LEVELS, Degradation, Params
+from restore_cli.degradations.base import DEGRADATIONS, LEVELS, Choice, Degradation, Params
 from restore_cli.errors import ConfigError
 
 MIXTURE_ORDER = (
@@ -123,10 +124,11 @@ class MixtureSpec:
                     f"--param {name}: unknown degradation (valid: {', '.join(DEGRADATIONS)})"
                 )
             known = {p.name for p in DEGRADATIONS[name].params}
-            for key in values:
+            for key, value in values.items():
                 if key not in known:
                     valid = ", ".join(sorted(known))
                     raise ConfigError(f"--param {name}.{key}: unknown parameter (valid: {valid})")
+                check_pinned(name, key, value)
         for name, component in self.components.items():
             if name not in self.types:
                 raise ConfigError(f"component {name!r} is not among the types {self.types}")
@@ -145,6 +147,36 @@ class MixtureSpec:
 
     def component(self, name: str) -> Component:
         return self.components.get(name, Component())
+
+
+def check_pinned(name: str, key: str, value: float | int | str) -> float | int | str:
+    """A pinned value must be one the degradation was built for: a listed choice, or a finite
+    number inside its in- and out-of-distribution ranges. Outside them the result is not a
+    physical degradation any more, and some values would never finish (a motion-blur kernel a
+    million pixels long). Unknown names and keys are left to MixtureSpec's own message."""
+    degradation = DEGRADATIONS.get(name)
+    param = next((p for p in degradation.params if p.name == key), None) if degradation else None
+    if param is None:
+        return value
+    label = f"--param {name}.{key}={value}"
+    if isinstance(param, Choice):
+        if str(value) not in param.options:
+            raise ConfigError(f"{label}: expected one of {', '.join(param.options)}")
+        return str(value)
+    if isinstance(value, str) or not math.isfinite(value):
+        raise ConfigError(f"{label}: expected a finite number")
+    bounds = [*param.in_dist, *(param.ood or ())]
+    low, high = min(bounds), max(bounds)
+    if not low <= value <= high:
+        raise ConfigError(
+            f"{label}: must be between {low:g} and {high:g} (its in- and out-of-distribution range)"
+        )
+    if param.integer:
+        if value != int(value) or (param.odd and int(value) % 2 == 0):
+            kind = "an odd whole number" if param.odd else "a whole number"
+            raise ConfigError(f"{label}: must be {kind}")
+        return int(value)
+    return value
 
 
 def families() -> dict[str, list[str]]:
