@@ -28,6 +28,9 @@ understand, nothing copied; its released network is :mod:`restore_cli.models.uni
   degradation estimate is wrong), a direct and much cheaper signal on 2 CPU cores.
 * Modes: auto (routers decide), instruction (``tasks=``: masks the leaves whose degradations are
   not among the named tasks), and a ``granularity=`` override for analysis.
+* Not reproduced: the paper's RetinexFormer experts for low light. Here every expert, low-light
+  leaves included, is a low-rank delta of the same NAFNet (the release's RetinexFormer is
+  available as :mod:`restore_cli.models.retinexformer`, and in ``unirestorer-release``).
 """
 
 from __future__ import annotations
