@@ -215,6 +215,17 @@ def test_config_detected_from_the_state_dict(tmp_path):
     assert loaded.spec.arch == "unirestorer" and loaded.spec.routed
 
 
+def test_a_file_from_before_the_blockiness_cue_still_loads(tmp_path):
+    """Its header config has no ``encoder_block_cues``; the shapes say the cue is absent."""
+    torch.manual_seed(0)
+    older = UniRestorer(**TINY, encoder_block_cues=False)
+    path = save_tiny(tmp_path / "older.safetensors", older)  # header: TINY, without the key
+    loaded = load_model(str(path))
+    assert not loaded.module.encoder.block_cues
+    for name, tensor in older.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[name], tensor)
+
+
 def write_photos(folder: Path, count: int = 3) -> Path:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)

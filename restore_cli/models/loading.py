@@ -293,11 +293,21 @@ def _load_from_file(path: Path) -> LoadedModel:
     state_dict = read_state_dict(path)
     declared = declared_architecture(path)
     if declared is not None:
-        return _load_as(get_architecture(declared[0]), declared[1], state_dict, path)
+        arch = get_architecture(declared[0])
+        return _load_as(arch, _fill_from_shapes(arch, declared[1], state_dict), state_dict, path)
     detected = detect_architecture(state_dict)
     if detected is None:
         return _load_with_spandrel(state_dict, path, name=path.stem)
     return _load_as(*detected, state_dict, path)
+
+
+def _fill_from_shapes(
+    arch: Architecture, declared: Mapping[str, Any], state_dict: StateDict
+) -> dict[str, Any]:
+    """A header's config, with the keys it lacks read from the tensor shapes: a file written
+    before a config key existed (an older UniRestorer has no ``encoder_block_cues``) must not
+    get the key's new default when its tensors say otherwise."""
+    return {**(arch.detect(state_dict) or {}), **declared}
 
 
 def _load_as(
@@ -319,7 +329,10 @@ def _load_architecture_file(arch_name: str, path: Path) -> LoadedModel:
     arch = get_architecture(arch_name)
     state_dict = read_state_dict(path)
     declared = declared_architecture(path)
-    config = declared[1] if declared is not None else arch.detect(state_dict)
+    if declared is not None:
+        config = _fill_from_shapes(arch, declared[1], state_dict)
+    else:
+        config = arch.detect(state_dict)
     if config is None:
         detected = detect_architecture(state_dict)
         config = detected[1] if detected is not None else None
