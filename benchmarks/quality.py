@@ -8,7 +8,9 @@ Builds (once) two sets from the fetch-photos *val* photos at fixed seeds, then s
 * ``single``: every photo, 12 random 256×256 crops, each with ONE degradation drawn from
   noise, blur, jpeg, lowlight, haze, rain, snow (levels light/medium/heavy), seed 100;
 * ``gauss25``: every photo, 2 crops with Gaussian noise σ = 25 exactly, seed 101 (for the
-  comparison with BM3D, which estimates σ itself; see docs/metrics.md).
+  comparison with BM3D, which estimates σ itself; see docs/metrics.md);
+* ``clean``: every photo, 4 crops left clean, seed 102: what a model does to a photo that
+  needed nothing (the input's own PSNR is infinite, shown as ∞).
 """
 
 from __future__ import annotations
@@ -51,7 +53,19 @@ def build_sets(photos: Path, out: Path) -> dict[str, Path]:
             quiet=True,
         )
     )
-    return {"single": single, "gauss25": gauss}
+    clean = out / "clean"
+    synthesize(
+        SynthesizeOptions(
+            inputs=[str(photos)],
+            output_dir=clean,
+            spec=make_spec(SINGLE_TYPES, ["light"], clean=1.0),
+            per_image=4,
+            crop=256,
+            seed=102,
+            quiet=True,
+        )
+    )
+    return {"single": single, "gauss25": gauss, "clean": clean}
 
 
 def score(data: Path, models: list[str], out: Path) -> list[dict[str, str]]:
@@ -86,7 +100,9 @@ def table(rows: list[dict[str, str]], models: list[str]) -> str:
             ]
             if match:
                 count = match[0]["scored"]
-                cells.append(f"{float(match[0][PSNR]):.2f} / {float(match[0][SSIM]):.4f}")
+                psnr = match[0][PSNR]  # empty when every image equals its ground truth
+                psnr = f"{float(psnr):.2f}" if psnr else "∞"
+                cells.append(f"{psnr} / {float(match[0][SSIM]):.4f}")
             else:
                 cells.append("—")
         lines.append(f"| {group} | {count} | " + " | ".join(cells) + " |")
@@ -106,6 +122,8 @@ def main() -> None:
     gauss_models = models + (["bm3d"] if args.bm3d else [])
     print()
     print(table(score(sets["gauss25"], gauss_models, args.out / "eval-gauss25"), gauss_models))
+    print()
+    print(table(score(sets["clean"], models, args.out / "eval-clean"), models))
 
 
 if __name__ == "__main__":

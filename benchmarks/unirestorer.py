@@ -7,7 +7,9 @@
 Builds (once) sets from the fetch-photos *val* photos at fixed seeds: every single type
 (noise, blur, jpeg, lowlight, haze, rain, snow) at each level (light, medium, heavy), and three
 medium-level mixtures (haze+noise, haze+noise+rain, lowlight+haze+noise+rain, as in the paper's
-mixed table), ``--per-image`` 256 px crops per photo each. Then scores, per set, the degraded
+mixed table), ``--per-image`` 256 px crops per photo each, and a ``clean`` set of undegraded
+crops (what a model does to a photo that needed nothing; its input PSNR is infinite, and its
+instruction column is auto mode: there is no task to name). Then scores, per set, the degraded
 input, each baseline (a model name or weights path; ``LABEL=`` names its column), and
 UniRestorer in auto mode, instruction mode (the set's own tasks) and at each fixed granularity
 (PSNR/SSIM on RGB, uint8, no crop border: docs/metrics.md). Routing: type accuracy (argmax of
@@ -48,6 +50,7 @@ TASK = {
     "snow": "desnow",
 }
 CONVENTION = Convention("rgb", 0)
+CLEAN = "clean"
 
 
 def build_sets(photos: Path, out: Path, per_image: int) -> dict[str, tuple[Path, list[str], str]]:
@@ -59,14 +62,20 @@ def build_sets(photos: Path, out: Path, per_image: int) -> dict[str, tuple[Path,
             sets[f"{family}-{level}"] = (out / f"{family}-{level}", [family], level)
     for mixture in MIXTURES:
         sets["+".join(mixture)] = (out / "+".join(mixture), mixture, "medium")
+    sets[CLEAN] = (out / CLEAN, [], "light")
     for folder, families, level in sets.values():
         seed += 1
         mixed = (len(families), len(families)) if len(families) > 1 else None
+        spec = (
+            make_spec(families, [level], mixed=mixed)
+            if families
+            else make_spec(TYPES, [level], clean=1.0)
+        )
         synthesize(
             SynthesizeOptions(
                 inputs=[str(photos)],
                 output_dir=folder,
-                spec=make_spec(families, [level], mixed=mixed),
+                spec=spec,
                 per_image=per_image,
                 crop=256,
                 seed=seed,
@@ -124,8 +133,9 @@ def main() -> None:
         table = {f"{v}_{m}": [] for v in variants for m in ("psnr", "ssim")}
         engines = {}
         for variant in ("auto", "instruction", "all", "type", "degree"):
-            mode = "instruction" if variant == "instruction" else "auto"
-            tasks = [TASK[f] for f in families] if variant == "instruction" else []
+            instructed = variant == "instruction" and bool(families)
+            mode = "instruction" if instructed else "auto"
+            tasks = [TASK[f] for f in families] if instructed else []
             granularity = variant if variant in ("all", "type", "degree") else None
             apply_mode(routed, mode, tasks, granularity)
             engines[variant] = (
@@ -218,7 +228,7 @@ def print_set_table(rows: dict[str, dict[str, float]], columns: list[str]) -> No
         cells = [f"{means[c + '_psnr']:.2f} / {means[c + '_ssim']:.3f}" for c in columns]
         print(f"| {name} | " + " | ".join(cells) + " |")
     for label, names in (
-        ("mean, single types", [n for n in rows if "+" not in n]),
+        ("mean, single types", [n for n in rows if "+" not in n and n != CLEAN]),
         ("mean, mixtures", [n for n in rows if "+" in n]),
     ):
         cells = [

@@ -118,6 +118,7 @@ def make_spec(
     probability: float = 0.5,
     ood: float = 0.0,
     fixed: list[str] | None = None,
+    clean: float = 0.0,
 ) -> MixtureSpec:
     """The mixture spec behind the CLI options (the same levels for every type).
 
@@ -129,7 +130,13 @@ def make_spec(
     components = {name: Component(probability=gate, levels=tuple(levels)) for name in types}
     pinned = parse_fixed(fixed or [])
     return MixtureSpec(
-        tuple(types), components, mixed=mixed, gated=gated, ood_probability=ood, fixed=pinned
+        tuple(types),
+        components,
+        mixed=mixed,
+        gated=gated,
+        ood_probability=ood,
+        fixed=pinned,
+        clean_probability=clean,
     )
 
 

@@ -145,6 +145,21 @@ def test_gated_mixture_keeps_each_type_with_its_probability():
     assert all(900 < c < 1300 for c in counts.values())  # 0.5, plus the at-least-one rule
 
 
+def test_clean_share_leaves_items_undegraded_and_keeps_other_seeds():
+    spec = make_spec(["noise", "haze"], ["light"], gated=True, probability=0.5, clean=0.25)
+    chains = [sample_chain(spec, np.random.default_rng(seed)) for seed in range(2000)]
+    empty = sum(not chain.steps for chain in chains)
+    assert 420 < empty < 580  # 0.25 of 2000; the gates alone never give an empty chain
+    image = torch.rand(1, 3, 8, 8)
+    assert torch.equal(Chain(()).apply(image, torch.Generator()), image)
+    no_clean = make_spec(["noise", "haze"], ["light"], gated=True, probability=0.5)
+    assert sample_chain(no_clean, np.random.default_rng(7)) == sample_chain(
+        MixtureSpec(no_clean.types, no_clean.components, gated=True), np.random.default_rng(7)
+    )
+    with pytest.raises(ConfigError, match="clean probability"):
+        make_spec(["noise"], ["light"], clean=1.5)
+
+
 def test_preview_contact_sheet(clean, tmp_path):
     spec = make_spec(["noise", "haze"], ["light", "medium", "heavy"])
     out = tmp_path / "out"

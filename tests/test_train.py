@@ -132,6 +132,9 @@ def test_data_needs_exactly_one_source_and_valid_degradations():
     raw = tiny_raw()
     raw["data"]["degradations"]["types"] = ["noise", "fog"]
     assert "'data.degradations'" in error_of(raw) and "fog" in error_of(raw)
+    raw = tiny_raw()
+    raw["data"]["degradations"]["clean"] = 1.5
+    assert "data.degradations.clean" in error_of(raw)
 
 
 def test_set_overrides_are_parsed_as_yaml_and_validated():

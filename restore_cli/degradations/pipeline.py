@@ -104,7 +104,9 @@ class MixtureSpec:
     [k1, k2] distinct types (weighted by their probability) and applies them in
     ``MIXTURE_ORDER``; ``gated=True`` instead keeps each type with its own probability
     (UniRestorer's gates), at least one. ``ood_probability`` is the chance that a step samples
-    its out-of-distribution range.
+    its out-of-distribution range. ``clean_probability`` is the chance that an item is left
+    undegraded (an empty chain): a restorer that never sees a clean input learns to change
+    every image, and damages the photos of a folder that needed nothing.
     """
 
     types: tuple[str, ...]
@@ -115,6 +117,7 @@ class MixtureSpec:
     # Pinned parameter values by degradation name, e.g. {"gaussian_noise": {"sigma": 25.0}}:
     # benchmark sets with one exact setting (σ = 25) instead of a sampled range.
     fixed: Mapping[str, Mapping[str, float | int | str]] = field(default_factory=dict)
+    clean_probability: float = 0.0
 
     def __post_init__(self) -> None:
         validate_types(self.types)
@@ -144,6 +147,8 @@ class MixtureSpec:
                 )
         if not 0 <= self.ood_probability <= 1:
             raise ConfigError("ood probability must be in [0, 1]")
+        if not 0 <= self.clean_probability <= 1:
+            raise ConfigError("clean probability must be in [0, 1]")
 
     def component(self, name: str) -> Component:
         return self.components.get(name, Component())
@@ -246,6 +251,9 @@ def normalised(weights: np.ndarray) -> np.ndarray:
 
 
 def sample_chain(spec: MixtureSpec, rng: np.random.Generator) -> Chain:
+    # The clean draw only happens when asked for, so existing seeds keep their chains.
+    if spec.clean_probability > 0 and rng.random() < spec.clean_probability:
+        return Chain(())
     steps = []
     for type_name in sorted(choose_types(spec, rng), key=order_key):
         members = families().get(type_name, [type_name])

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,9 @@ from restore_cli.models.registry import (
     sequence_length,
 )
 from restore_cli.routing import GRANULARITIES, Route, granularity_index
+
+if TYPE_CHECKING:
+    from restore_cli.train.losses import WeightedLoss
 
 STAGES = ("encoder", "experts", "router")
 ENCODERS = ("cnn", "daclip")
@@ -334,6 +337,7 @@ class UniRestorer(nn.Module):
         self.register_buffer("type_families", torch.zeros(self.num_types, families))
         self.register_buffer("clusters_fitted", torch.zeros((), dtype=torch.long))
         self.stage: str | None = None
+        self.restoration_loss: WeightedLoss | None = None
 
     # -- experts ---------------------------------------------------------------------------
     def expert_names(self) -> list[str]:
@@ -447,6 +451,11 @@ class UniRestorer(nn.Module):
         return self.restorer(x, route.expert_weights)
 
     # -- training --------------------------------------------------------------------------
+    def use_restoration_loss(self, loss: WeightedLoss) -> None:
+        """The experts stage restores with the train config's ``losses`` (Charbonnier when none
+        is set); the other stages have objectives of their own."""
+        self.restoration_loss = loss
+
     def set_stage(self, stage: str) -> None:
         """Freeze everything but what ``stage`` trains."""
         if stage not in STAGES:
@@ -475,9 +484,10 @@ class UniRestorer(nn.Module):
         return self
 
     def loss_names(self, stage: str) -> list[str]:
+        restoring = self.restoration_loss.names if self.restoration_loss else ["loss_charbonnier"]
         return {
             "encoder": ["loss_type", "loss_degree", "loss_contrastive", "type_accuracy"],
-            "experts": ["loss_charbonnier"],
+            "experts": restoring,
             "router": ["loss_leaf", "loss_uncertainty", "loss_granularity", "loss_balance"],
         }[stage]
 
@@ -552,7 +562,10 @@ class UniRestorer(nn.Module):
         if stage == "experts":
             granularity = torch.randint(len(GRANULARITIES), leaf.shape, device=lq.device)
             gates = F.one_hot(self.expert_index(leaf, granularity), self.num_experts).float()
-            loss = torch.sqrt((self.restorer(lq, gates) - gt) ** 2 + 1e-6).mean()
+            pred = self.restorer(lq, gates)
+            if self.restoration_loss is not None:
+                return self.restoration_loss(pred, gt)
+            loss = torch.sqrt((pred - gt) ** 2 + 1e-6).mean()
             return loss, {"loss_charbonnier": loss}
         # router: leaf classification + data uncertainty + best-granularity target + balance
         mu, logvar = self.mu(embedding), self.sigma(embedding)

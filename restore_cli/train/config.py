@@ -74,6 +74,7 @@ class DegradationSection:
     gated: bool = False
     probability: float = 0.5
     ood: float = 0.0
+    clean: float = 0.0  # the share of crops left undegraded (identity pairs)
 
     def mixture(self) -> MixtureSpec:
         from restore_cli.synthesize import make_spec  # lazily: config parsing stays light
@@ -85,6 +86,7 @@ class DegradationSection:
             gated=self.gated,
             probability=self.probability,
             ood=self.ood,
+            clean=self.clean,
         )
 
 
@@ -528,6 +530,7 @@ def _parse_degradations(data: _Fields) -> DegradationSection:
         gated=fields.boolean("gated", defaults.gated),
         probability=fields.number("probability", defaults.probability, minimum=0, maximum=1),
         ood=fields.number("ood", defaults.ood, minimum=0, maximum=1),
+        clean=fields.number("clean", defaults.clean, minimum=0, maximum=1),
     )
     try:
         section.mixture()

@@ -441,6 +441,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.loss = WeightedLoss(config.losses)
+        use_loss = getattr(module, "use_restoration_loss", None)
+        if use_loss is not None:  # a staged model's restoring stage takes the configured losses
+            use_loss(self.loss)
         stage = self.stage
         self.loss_names = module.loss_names(stage) if stage is not None else self.loss.names
         rng_states = self.load_checkpoint(checkpoint) if checkpoint is not None else None
