@@ -411,6 +411,9 @@ def synthesize(
     ood: Annotated[
         float, typer.Option(help="Chance that a step samples its out-of-distribution range.")
     ] = 0.0,
+    clean: Annotated[
+        float, typer.Option(help="Share of pairs left undegraded (lq = gt), for identity training.")
+    ] = 0.0,
     param: Annotated[
         list[str],
         typer.Option("--param", help="Pin a parameter: NAME.PARAM=VALUE (repeatable)."),
@@ -448,6 +451,7 @@ def synthesize(
             probability=probability,
             ood=ood,
             fixed=param,
+            clean=clean,
         )
         options = SynthesizeOptions(
             inputs=inputs,

@@ -227,6 +227,10 @@ def test_summary_statistics_and_groups():
         ("type_level", "noise/heavy"),
         ("type_level", "jpeg/light"),
     ]
+    # an undegraded pair (synthesize --clean) has metadata naming no type; a row without
+    # metadata (empty ood, as an unmatched row reads back from per_image.csv) has none
+    assert groups_of({"types": "", "levels": "", "ood": 0}) == [("all", ""), ("type", "clean")]
+    assert groups_of({"types": "", "levels": "", "ood": ""}) == [("all", "")]
 
 
 # ----------------------------------------------------------------------------- metadata

@@ -241,3 +241,32 @@ def test_pinned_parameters_override_the_sampled_ones():
     # a MixtureSpec made in code checks the pinned values as --param does
     with pytest.raises(ConfigError, match="must be between"):
         MixtureSpec(("gaussian_noise",), fixed={"gaussian_noise": {"sigma": 1e6}})
+
+
+def test_cli_clean_share_writes_identity_pairs_that_eval_groups_as_clean(clean, tmp_path):
+    from typer.testing import CliRunner
+
+    from restore_cli.cli import app
+
+    out = tmp_path / "out"
+    args = ["synthesize", str(clean), "-o", str(out), "--types", "noise", "--clean", "1", "-q"]
+    args += ["--per-image", "1", "--crop", "48"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    with (out / "metadata.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 and all(r["types"] == "" and r["ood"] == "0" for r in rows)
+    for row in rows:
+        lq, gt = (np.asarray(Image.open(out / row[k])) for k in ("lq", "gt"))
+        assert np.array_equal(lq, gt)
+    evaluated = tmp_path / "eval"
+    result = CliRunner().invoke(
+        app, ["eval", "--model", "identity", "--data", str(out), "-o", str(evaluated)]
+    )
+    assert result.exit_code == 0, result.output
+    with (evaluated / "summary.csv").open(newline="") as handle:
+        groups = {(r["group"], r["value"]): r for r in csv.DictReader(handle)}
+    assert groups[("type", "clean")]["files"] == "3"
+    bad_args = ["synthesize", str(clean), "-o", str(tmp_path / "bad"), "--types", "noise"]
+    bad = CliRunner().invoke(app, [*bad_args, "--clean", "2"])
+    assert bad.exit_code == 2 and "clean probability" in bad.output

@@ -77,10 +77,14 @@ def write_per_image(
 def groups_of(row: Row) -> list[tuple[str, str]]:
     """(group, value) pairs a row belongs to: ``all``, each degradation type and level it went
     through, and each type/level step (``noise/heavy``). Mixtures count in every one of their
-    types, so per-type rows of mixed sets overlap."""
+    types, so per-type rows of mixed sets overlap. A pair whose metadata names no degradation
+    (``synthesize --clean``) is in the ``clean`` type; a row without metadata (empty ``ood``)
+    only in ``all``."""
     found = [("all", "")]
     types = [t for t in str(row.get("types") or "").split("+") if t]
     levels = [level for level in str(row.get("levels") or "").split("+") if level]
+    if not types and str(row.get("ood", "")) != "":
+        types = ["clean"]
     found += [("type", t) for t in dict.fromkeys(types)]
     found += [("level", level) for level in dict.fromkeys(levels)]
     if len(types) == len(levels):
