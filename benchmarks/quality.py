@@ -77,7 +77,14 @@ def score(data: Path, models: list[str], out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def label(model: str) -> str:
+    """The summary's model column: a registry name, or a weights file's stem."""
+    path = Path(model)
+    return path.stem if path.suffix in (".safetensors", ".pth", ".ckpt") else model
+
+
 def table(rows: list[dict[str, str]], models: list[str]) -> str:
+    models = [label(m) for m in models]
     groups = [
         r["value"] or "all"
         for r in rows
