@@ -28,44 +28,29 @@ PSNR, SSIM = "psnr_rgb_crop0_uint8_mean", "ssim_rgb_crop0_uint8_mean"
 
 
 def build_sets(photos: Path, out: Path) -> dict[str, Path]:
-    single = out / "single"
-    synthesize(
-        SynthesizeOptions(
-            inputs=[str(photos)],
-            output_dir=single,
-            spec=make_spec(SINGLE_TYPES, ["light", "medium", "heavy"]),
-            per_image=12,
-            crop=256,
-            seed=100,
-            quiet=True,
+    """The three sets of the module docstring: name -> (spec, pairs per photo, seed)."""
+    sets = {
+        "single": (make_spec(SINGLE_TYPES, ["light", "medium", "heavy"]), 12, 100),
+        "gauss25": (
+            make_spec(["gaussian_noise"], ["medium"], fixed=["gaussian_noise.sigma=25"]),
+            2,
+            101,
+        ),
+        "clean": (make_spec(SINGLE_TYPES, ["light"], clean=1.0), 4, 102),
+    }
+    for name, (spec, per_image, seed) in sets.items():
+        synthesize(
+            SynthesizeOptions(
+                inputs=[str(photos)],
+                output_dir=out / name,
+                spec=spec,
+                per_image=per_image,
+                crop=256,
+                seed=seed,
+                quiet=True,
+            )
         )
-    )
-    gauss = out / "gauss25"
-    spec = make_spec(["gaussian_noise"], ["medium"], fixed=["gaussian_noise.sigma=25"])
-    synthesize(
-        SynthesizeOptions(
-            inputs=[str(photos)],
-            output_dir=gauss,
-            spec=spec,
-            per_image=2,
-            crop=256,
-            seed=101,
-            quiet=True,
-        )
-    )
-    clean = out / "clean"
-    synthesize(
-        SynthesizeOptions(
-            inputs=[str(photos)],
-            output_dir=clean,
-            spec=make_spec(SINGLE_TYPES, ["light"], clean=1.0),
-            per_image=4,
-            crop=256,
-            seed=102,
-            quiet=True,
-        )
-    )
-    return {"single": single, "gauss25": gauss, "clean": clean}
+    return {name: out / name for name in sets}
 
 
 def score(data: Path, models: list[str], out: Path) -> list[dict[str, str]]:

@@ -565,7 +565,9 @@ class UniRestorer(nn.Module):
             pred = self.restorer(lq, gates)
             if self.restoration_loss is not None:
                 return self.restoration_loss(pred, gt)
-            loss = torch.sqrt((pred - gt) ** 2 + 1e-6).mean()
+            from restore_cli.train.losses import charbonnier_loss  # training only: lazily
+
+            loss = charbonnier_loss(pred, gt)
             return loss, {"loss_charbonnier": loss}
         # router: leaf classification + data uncertainty + best-granularity target + balance
         mu, logvar = self.mu(embedding), self.sigma(embedding)
