@@ -49,6 +49,7 @@ TASK = {
     "rain": "derain",
     "snow": "desnow",
 }
+ROUTED_VARIANTS = ("auto", "instruction", "all", "type", "degree")
 CONVENTION = Convention("rgb", 0)
 CLEAN = "clean"
 
@@ -107,6 +108,13 @@ def main() -> None:
         help="Dense model to compare with, NAME or LABEL=NAME-OR-PATH (repeatable; "
         "default nafnet-allinone-s).",
     )
+    parser.add_argument("--no-baselines", action="store_true", help="Score no dense model.")
+    parser.add_argument(
+        "--modes",
+        default=",".join(ROUTED_VARIANTS),
+        help="UniRestorer columns to score, comma-separated (auto is always scored: routing "
+        "accuracy is measured on it). Quicker runs for router experiments: auto,instruction.",
+    )
     parser.add_argument("--per-image", type=int, default=2)
     # One thread: on a 2-core machine with anything else running, two OpenMP threads spin-wait
     # for each other and run ~10x slower (see configs/nafnet-allinone-s.yaml).
@@ -115,15 +123,22 @@ def main() -> None:
         "--every", type=int, default=1, help="Score every N-th pair of each set (quicker runs)."
     )
     args = parser.parse_args()
+    modes = [m for m in ROUTED_VARIANTS if m == "auto" or m in args.modes.split(",")]
+    unknown = set(args.modes.split(",")) - set(ROUTED_VARIANTS)
+    if unknown:
+        valid = ", ".join(ROUTED_VARIANTS)
+        parser.error(f"--modes: unknown {', '.join(sorted(unknown))} (valid: {valid})")
     torch.set_num_threads(args.threads)
     sets = build_sets(args.photos, args.out / "sets", args.per_image)
 
     routed = load_model(args.model)
     baselines = {
         label: Engine(load_model(source), EngineOptions(device="cpu"))
-        for label, source in map(baseline_column, args.baseline or ["nafnet-allinone-s"])
+        for label, source in map(
+            baseline_column, [] if args.no_baselines else args.baseline or ["nafnet-allinone-s"]
+        )
     }
-    variants = ["input", *baselines, "auto", "instruction", "all", "type", "degree"]
+    variants = ["input", *baselines, *modes]
     results: dict[str, dict[str, list[float]]] = {}
     confusion = np.zeros((len(TYPES), len(TYPES)), dtype=int)
     degree_errors: list[float] = []
@@ -132,7 +147,7 @@ def main() -> None:
         pairs = load_pairs(folder)[:: args.every]
         table = {f"{v}_{m}": [] for v in variants for m in ("psnr", "ssim")}
         engines = {}
-        for variant in ("auto", "instruction", "all", "type", "degree"):
+        for variant in modes:
             instructed = variant == "instruction" and bool(families)
             mode = "instruction" if instructed else "auto"
             tasks = [TASK[f] for f in families] if instructed else []
