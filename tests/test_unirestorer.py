@@ -149,24 +149,6 @@ def test_topk_mixes_several_experts_with_normalised_weights():
     torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
 
 
-def test_router_target_is_the_nearest_leaf_of_the_crops_own_degradation():
-    model = fitted_model()
-    dominant = model.leaf_families.argmax(1)
-    noise_leaves = torch.nonzero(dominant == 0).flatten()
-    lowlight_leaf = int(torch.nonzero(dominant == 3).flatten()[0])
-    # two crops embedded on the low-light centre: one really is low light, one is noise;
-    # a third with no degradation at all keeps its own (nearest) cluster
-    embedding = model.leaf_centres[lowlight_leaf].expand(3, -1)
-    distance = torch.cdist(embedding, model.leaf_centres)
-    types = torch.zeros(3, len(FAMILIES))
-    types[0, 3] = types[1, 0] = 1
-    target = model.labelled_leaf(distance, types)
-    assert int(target[0]) == lowlight_leaf
-    nearest_noise = noise_leaves[distance[1, noise_leaves].argmin()]
-    assert int(target[1]) == int(nearest_noise)
-    assert int(target[2]) == lowlight_leaf
-
-
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_granularity_override_selects_that_level(granularity):
     model = fitted_model()

@@ -535,23 +535,6 @@ class UniRestorer(nn.Module):
                 dataset.set_epoch(epoch)
         self.fit_clusters(torch.cat(embeddings), torch.cat(types), seed)
 
-    def labelled_leaf(self, distance: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
-        """The router's target leaf: the nearest leaf [B,L] → [B] whose members are mostly of a
-        degradation the crop really has (the nearest leaf when none is, e.g. a clean crop).
-
-        Why not simply the nearest leaf, the crop's own cluster: where the encoder's embedding
-        confuses two degradations, the routers would learn the confusion. A dark photo with
-        light camera noise embeds next to light low light (nearly the same synthesis); its own
-        cluster is a low-light leaf, whose experts brighten it well past the truth. With the
-        label in the target, ``mu`` is pulled towards the right leaf where the embedding allows
-        it; where it does not, ``mu`` stays far from the target centre and the uncertainty term
-        raises the log-variance that the granularity gate reads.
-        """
-        dominant = self.leaf_families.argmax(1)
-        fits = types.to(distance.device)[:, dominant] > 0
-        labelled = distance.masked_fill(~fits, float("inf")).argmin(1)
-        return torch.where(fits.any(1), labelled, distance.argmin(1))
-
     def training_losses(
         self, lq: torch.Tensor, batch: Mapping[str, Any], stage: str
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -575,8 +558,7 @@ class UniRestorer(nn.Module):
         gt = batch["gt"].to(lq.device)
         with torch.no_grad():
             embedding, type_logits, degree_pred = self.encoder(lq)
-            distance = torch.cdist(embedding, self.leaf_centres)
-            leaf = distance.argmin(1)
+            leaf = torch.cdist(embedding, self.leaf_centres).argmin(1)
         if stage == "experts":
             granularity = torch.randint(len(GRANULARITIES), leaf.shape, device=lq.device)
             gates = F.one_hot(self.expert_index(leaf, granularity), self.num_experts).float()
@@ -588,11 +570,10 @@ class UniRestorer(nn.Module):
             loss = charbonnier_loss(pred, gt)
             return loss, {"loss_charbonnier": loss}
         # router: leaf classification + data uncertainty + best-granularity target + balance
-        target = self.labelled_leaf(distance, types)
         mu, logvar = self.mu(embedding), self.sigma(embedding)
         leaf_logits = noisy_logits(self.leaf_gate(mu), self.leaf_noise, mu)
-        loss_leaf = F.cross_entropy(leaf_logits, target)
-        centre = self.leaf_centres[target]
+        loss_leaf = F.cross_entropy(leaf_logits, leaf)
+        centre = self.leaf_centres[leaf]
         loss_unc = (((mu - centre) ** 2) / (2 * logvar.exp()) + logvar / 2).mean()
         predicted = leaf_logits.detach().argmax(1)
         with torch.no_grad():
