@@ -581,13 +581,10 @@ class UniRestorer(nn.Module):
             for g in range(len(GRANULARITIES)):
                 chosen = torch.full_like(predicted, g)
                 gates = F.one_hot(self.expert_index(predicted, chosen), self.num_experts).float()
-                errors.append((self.restorer(lq, gates) - gt).square().mean(dim=(1, 2, 3)))
-            log_error = torch.stack(errors, 1).clamp(min=1e-10).log()
+                errors.append((self.restorer(lq, gates) - gt).abs().mean(dim=(1, 2, 3)))
+            best = torch.stack(errors, 1).argmin(1)
         layer_logits = noisy_logits(self.layer_gate(logvar), self.layer_noise, logvar)
-        # The expected log-MSE (PSNR up to a factor) under the gate: each choice weighed by how
-        # much worse it restores this crop, where a cross-entropy to the best one would count a
-        # 0.1 dB loss like a 15 dB one and learn the majority (it never chose `all`).
-        loss_granularity = (layer_logits.softmax(1) * log_error).sum(1).mean()
+        loss_granularity = F.cross_entropy(layer_logits, best)
         load = layer_logits.softmax(1).sum(0)
         loss_balance = load.var() / load.mean() ** 2
         total = loss_leaf + 0.1 * loss_unc + loss_granularity + 0.01 * loss_balance
