@@ -15,7 +15,9 @@ UniRestorer in auto mode, instruction mode (the set's own tasks) and at each fix
 (PSNR/SSIM on RGB, uint8, no crop border: docs/metrics.md). Routing: type accuracy (argmax of
 the type probabilities vs the single applied family), mean absolute degree error (degree head
 vs light/medium/heavy = 1/3, 2/3, 1), expert routing accuracy (the chosen degree leaf's most
-common training degradation is the applied one), and a confusion-matrix PNG.
+common training degradation is the applied one), and a confusion-matrix PNG. Granularity: per
+set, how many crops auto mode gives to all / type / degree, and at which forced granularity
+each crop came out best.
 Writes ``OUT/results.json``, ``OUT/confusion.png`` and prints Markdown tables.
 """
 
@@ -35,6 +37,7 @@ from restore_cli.metrics import Convention, psnr, ssim
 from restore_cli.models.degradation_encoder import DEGREE_OF_LEVEL
 from restore_cli.models.loading import load_model
 from restore_cli.models.registry import apply_mode
+from restore_cli.routing import GRANULARITIES
 from restore_cli.synthesize import SynthesizeOptions, make_spec, synthesize
 
 TYPES = ["noise", "blur", "jpeg", "lowlight", "haze", "rain", "snow"]
@@ -143,9 +146,11 @@ def main() -> None:
     confusion = np.zeros((len(TYPES), len(TYPES)), dtype=int)
     degree_errors: list[float] = []
     leaf_hits: list[bool] = []
+    granularity_counts: dict[str, dict[str, dict[str, int]]] = {}
     for name, (folder, families, level) in sets.items():
         pairs = load_pairs(folder)[:: args.every]
         table = {f"{v}_{m}": [] for v in variants for m in ("psnr", "ssim")}
+        chosen = dict.fromkeys(GRANULARITIES, 0)
         engines = {}
         for variant in modes:
             instructed = variant == "instruction" and bool(families)
@@ -167,6 +172,8 @@ def main() -> None:
                     engine, conditions = engines[variant]
                     routed.conditions = dict(conditions)
                     pred, info = engine.restore_tensor(lq)
+                    if variant == "auto":
+                        chosen[info.route["granularity"]] += 1
                     if variant == "auto" and len(families) == 1:
                         probs = json.loads(info.route["type_probs"])
                         predicted = max(probs, key=probs.get)
@@ -181,6 +188,7 @@ def main() -> None:
                 table[f"{variant}_psnr"].append(value_psnr)
                 table[f"{variant}_ssim"].append(value_ssim)
         results[name] = table
+        granularity_counts[name] = {"chosen": chosen, "best": best_granularity(table)}
         means = {k: float(np.mean(v)) for k, v in table.items()}
         print(name, " ".join(f"{v} {means[v + '_psnr']:.2f}" for v in variants), flush=True)
 
@@ -192,10 +200,20 @@ def main() -> None:
         "leaf_accuracy": float(np.mean(leaf_hits)),
         "confusion": confusion.tolist(),
         "confusion_labels": TYPES,
+        "granularity": granularity_counts,
     }
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
     write_confusion_png(confusion, args.out / "confusion.png", accuracy)
     print_tables(summary, variants)
+
+
+def best_granularity(table: dict[str, list[float]]) -> dict[str, int]:
+    """Per crop, which forced granularity restored it best (PSNR); empty unless all three ran."""
+    if not all(f"{g}_psnr" in table for g in GRANULARITIES):
+        return {}
+    scores_by_crop = np.array([table[f"{g}_psnr"] for g in GRANULARITIES])
+    winners = np.bincount(scores_by_crop.argmax(0), minlength=len(GRANULARITIES))
+    return {g: int(n) for g, n in zip(GRANULARITIES, winners, strict=True)}
 
 
 def baseline_column(text: str) -> tuple[str, str]:
@@ -232,6 +250,12 @@ def print_tables(summary: dict, variants: list[str]) -> None:
     print(f"\ntype routing accuracy {summary['type_accuracy']:.1%}, ", end="")
     print(f"degree MAE {summary['degree_mae']:.3f}, ", end="")
     print(f"expert (leaf) routing accuracy {summary['leaf_accuracy']:.1%}")
+    print("\ngranularity per crop, all/type/degree: chosen in auto mode; best when forced (PSNR)")
+    for name, counts in summary["granularity"].items():
+        line = "/".join(str(counts["chosen"][g]) for g in GRANULARITIES)
+        if counts["best"]:
+            line += "; best " + "/".join(str(counts["best"][g]) for g in GRANULARITIES)
+        print(f"  {name}: {line}")
 
 
 def print_set_table(rows: dict[str, dict[str, float]], columns: list[str]) -> None:

@@ -459,3 +459,12 @@ def test_blockiness_sees_jpeg_blocks_on_the_crop_grid_only():
     for fy, fx in ((0.5, 0.5), (0.3, 0.7)):
         corner = fixed_crop(ramp, 32, fy, fx)[0, 0, 0, 0]
         assert int(corner) // 150 % 16 == 0 and int(corner) % 150 % 16 == 0
+
+
+def test_benchmark_counts_the_best_forced_granularity_per_crop():
+    from benchmarks.unirestorer import best_granularity
+
+    table = {"all_psnr": [30.0, 20.0, 25.0], "type_psnr": [29.0, 22.0, 25.5]}
+    assert best_granularity(table) == {}  # degree did not run: no winner can be named
+    table["degree_psnr"] = [28.0, 21.0, 26.0]
+    assert best_granularity(table) == {"all": 1, "type": 1, "degree": 1}
