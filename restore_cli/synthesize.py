@@ -20,7 +20,7 @@ import io
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -119,15 +119,28 @@ def make_spec(
     ood: float = 0.0,
     fixed: list[str] | None = None,
     clean: float = 0.0,
+    type_probability: Mapping[str, float] | None = None,
 ) -> MixtureSpec:
     """The mixture spec behind the CLI options (the same levels for every type).
 
     ``fixed`` holds ``NAME.PARAM=VALUE`` strings that pin a parameter (``gaussian_noise.sigma=25``).
+    ``type_probability`` overrides ``probability`` for the types it names: their gate when
+    ``gated``, their selection weight otherwise (where the others weigh 1).
     """
     validate_levels(levels)
     validate_types(types)
+    unknown = sorted(set(type_probability or {}) - set(types))
+    if unknown:
+        raise ConfigError(
+            f"type_probability names {', '.join(unknown)}, which are not among the types "
+            f"({', '.join(types)})"
+        )
     gate = probability if gated else 1.0
-    components = {name: Component(probability=gate, levels=tuple(levels)) for name in types}
+    overrides = dict(type_probability or {})
+    components = {
+        name: Component(probability=overrides.get(name, gate), levels=tuple(levels))
+        for name in types
+    }
     pinned = parse_fixed(fixed or [])
     return MixtureSpec(
         tuple(types),

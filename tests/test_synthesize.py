@@ -145,6 +145,26 @@ def test_gated_mixture_keeps_each_type_with_its_probability():
     assert all(900 < c < 1300 for c in counts.values())  # 0.5, plus the at-least-one rule
 
 
+def test_type_probability_overrides_one_gate():
+    spec = make_spec(
+        ["noise", "haze", "jpeg"],
+        ["light"],
+        gated=True,
+        probability=0.1,
+        type_probability={"noise": 0.8},
+    )
+    rng = np.random.default_rng(2)
+    counts = {"noise": 0, "haze": 0, "jpeg": 0}
+    for _ in range(2000):
+        for step in sample_chain(spec, rng).steps:
+            counts[family_of(step.name)] += 1
+    # 0.8 + P(no gate open) 0.162 x 0.8 (the at-least-one draw is weighted by the gates)
+    assert 1780 < counts["noise"] < 1950
+    assert all(150 < counts[t] < 330 for t in ("haze", "jpeg"))  # 0.1 + 0.162 x 0.1
+    with pytest.raises(ConfigError, match="snow, which are not among the types"):
+        make_spec(["noise"], ["light"], type_probability={"snow": 0.5})
+
+
 def test_clean_share_leaves_items_undegraded_and_keeps_other_seeds():
     spec = make_spec(["noise", "haze"], ["light"], gated=True, probability=0.5, clean=0.25)
     chains = [sample_chain(spec, np.random.default_rng(seed)) for seed in range(2000)]

@@ -135,6 +135,11 @@ def test_data_needs_exactly_one_source_and_valid_degradations():
     raw = tiny_raw()
     raw["data"]["degradations"]["clean"] = 1.5
     assert "data.degradations.clean" in error_of(raw)
+    raw = tiny_raw()
+    raw["data"]["degradations"]["type_probability"] = {"noise": 2}
+    assert "data.degradations.type_probability" in error_of(raw)
+    raw["data"]["degradations"]["type_probability"] = {"fog": 0.5}
+    assert "fog, which are not among the types" in error_of(raw)
 
 
 def test_set_overrides_are_parsed_as_yaml_and_validated():

@@ -75,6 +75,8 @@ class DegradationSection:
     probability: float = 0.5
     ood: float = 0.0
     clean: float = 0.0  # the share of crops left undegraded (identity pairs)
+    # per-type overrides of ``probability``, e.g. {noise: 0.45}
+    type_probability: dict[str, float] = field(default_factory=dict)
 
     def mixture(self) -> MixtureSpec:
         from restore_cli.synthesize import make_spec  # lazily: config parsing stays light
@@ -87,6 +89,7 @@ class DegradationSection:
             probability=self.probability,
             ood=self.ood,
             clean=self.clean,
+            type_probability=self.type_probability,
         )
 
 
@@ -531,12 +534,30 @@ def _parse_degradations(data: _Fields) -> DegradationSection:
         probability=fields.number("probability", defaults.probability, minimum=0, maximum=1),
         ood=fields.number("ood", defaults.ood, minimum=0, maximum=1),
         clean=fields.number("clean", defaults.clean, minimum=0, maximum=1),
+        type_probability=_type_probabilities(fields),
     )
     try:
         section.mixture()
     except ConfigError as error:
         raise ConfigError(f"config key {fields.where!r}: {error}") from None
     return section
+
+
+def _type_probabilities(fields: _Fields) -> dict[str, float]:
+    raw = fields.value("type_probability", {})
+    if not isinstance(raw, dict):
+        raise fields.fail(
+            "type_probability", f"expected a mapping type: probability, got {_show(raw)}"
+        )
+    probabilities = {}
+    for name, value in raw.items():
+        bad = isinstance(value, bool) or not isinstance(value, int | float)
+        if not isinstance(name, str) or bad or not 0 <= value <= 1:
+            raise fields.fail(
+                "type_probability", f"expected probabilities in [0, 1], got {name}: {_show(value)}"
+            )
+        probabilities[name] = float(value)
+    return probabilities
 
 
 def _parse_device(top: _Fields) -> str:
