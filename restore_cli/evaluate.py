@@ -18,7 +18,9 @@ Images are read on threads, stacked in batches of equal size and scored on the d
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import re
 import sys
 import time
@@ -27,13 +29,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 import torch
 
 from restore_cli.engine import EngineOptions, resolve_device
 from restore_cli.errors import ConfigError, one_line
+from restore_cli.io.atomic import atomic_write_bytes
 from restore_cli.io.discover import walk_images
 from restore_cli.io.image import MAX_PIXELS_DEFAULT, read_image
 from restore_cli.io.shard import Shard
@@ -493,9 +496,18 @@ def restore_predictions(options: EvalOptions, stderr: TextIO) -> list[tuple[str,
     if not lq.is_dir():
         raise ConfigError(f"{options.data}: no lq/ folder (expected a synthesize output)")
     folders = []
+    made_by: dict[str, str] = {}
     for name in options.models:
         loaded = load_model(name, weights=options.weights)
+        if loaded.name in made_by:
+            raise ConfigError(
+                f"--model {made_by[loaded.name]} and --model {name} are both named "
+                f"{loaded.name!r}, so their predictions would share {options.output_dir}/pred/"
+                f"{loaded.name}; give one weights file another name"
+            )
+        made_by[loaded.name] = name
         folder = options.output_dir / "pred" / loaded.name
+        claim_prediction_folder(folder, prediction_fingerprint(loaded, options), options)
         restore_options = RestoreOptions(
             inputs=[str(lq)],
             output_dir=folder,
@@ -524,6 +536,55 @@ def restore_predictions(options: EvalOptions, stderr: TextIO) -> list[tuple[str,
         folders.append((loaded.name, folder))
         del loaded
     return folders
+
+
+FINGERPRINT_FILE = ".restore-cli-model.json"
+
+
+def prediction_fingerprint(loaded: Any, options: EvalOptions) -> dict[str, Any]:
+    """What makes a model's predictions what they are: its weights (a digest of every tensor,
+    so two files with the same stem differ, and one file named two ways does not) and the
+    options that change outputs."""
+    digest = hashlib.sha256()
+    for key, tensor in loaded.module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return {
+        "weights_sha256": digest.hexdigest(),
+        "mode": options.mode,
+        "tasks": sorted(options.tasks),
+        "granularity": options.granularity,
+        "conditions": {k: repr(v) for k, v in sorted(loaded.conditions.items())},
+    }
+
+
+def claim_prediction_folder(
+    folder: Path, fingerprint: dict[str, Any], options: EvalOptions
+) -> None:
+    """Reruns reuse ``pred/<model>`` only when the same model and options made it: kept
+    predictions of other weights under the same name would be scored silently otherwise."""
+    marker = folder / FINGERPRINT_FILE
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is not None and recorded != fingerprint and not options.overwrite:
+        changed = sorted(k for k in fingerprint if recorded.get(k) != fingerprint[k])
+        raise ConfigError(
+            f"{folder} holds predictions of another model or options ({', '.join(changed)} "
+            "differ); use --overwrite to redo them, or another -o"
+        )
+    if recorded is None and not options.overwrite and _has_images(folder):
+        raise ConfigError(
+            f"{folder} holds predictions that no recorded model made (from an older "
+            "restore-cli or another tool); use --overwrite to redo them, or another -o"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(marker, json.dumps(fingerprint, indent=1).encode())
+
+
+def _has_images(folder: Path) -> bool:
+    return folder.is_dir() and next(walk_images(folder, True, None), None) is not None
 
 
 # ----------------------------------------------------------------------------- driver

@@ -450,3 +450,48 @@ def test_the_cli_builds_the_same_options(tmp_path: Path):
     assert [row["status"] for row in rows] == ["ok"]
     result = CliRunner().invoke(app, ["eval", str(data / "lq"), str(data / "gt"), "-o", str(out)])
     assert result.exit_code == 0, result.output
+
+
+def test_predictions_of_other_weights_under_the_same_name_are_never_reused(tmp_path: Path):
+    """Two checkpoints both called final.safetensors: a rerun into the same -o must not score
+    the first one's kept predictions as the second's, nor may one run mix them."""
+    from safetensors.torch import save_file
+
+    from restore_cli.models.nafnet import build_nafnet
+
+    files = []
+    for seed, folder in ((0, "run-a"), (1, "run-b")):
+        torch.manual_seed(seed)
+        module = build_nafnet({"width": 8, "enc_blk_nums": [1], "dec_blk_nums": [1]})
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.add_(0.1 * torch.randn_like(parameter))
+        path = tmp_path / folder / "final.safetensors"
+        path.parent.mkdir()
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+        files.append(str(path))
+    clean = tmp_path / "clean"
+    save(clean / "photo.png", photo(0, (32, 32)))
+    data = tmp_path / "data"
+    spec = make_spec(["gaussian_noise"], ["medium"])
+    assert synthesize(SynthesizeOptions([str(clean)], output_dir=data, spec=spec, quiet=True)) == 0
+    out = tmp_path / "eval"
+
+    def scores() -> list[str]:
+        return [row[PSNR] for row in read_csv(out / "per_image.csv")[1]]
+
+    with pytest.raises(ConfigError, match="are both named 'final'"):
+        run(EvalOptions(models=files, data=data, output_dir=out, quiet=True))
+    assert run(EvalOptions(models=files[:1], data=data, output_dir=out, quiet=True))[0] == 0
+    first = scores()
+    assert run(EvalOptions(models=files[:1], data=data, output_dir=out, quiet=True))[0] == 0
+    assert scores() == first  # same model: the predictions are reused
+    with pytest.raises(ConfigError, match=r"another model or options \(weights_sha256 differ"):
+        run(EvalOptions(models=files[1:], data=data, output_dir=out, quiet=True))
+    options = EvalOptions(models=files[1:], data=data, output_dir=out, overwrite=True, quiet=True)
+    assert run(options)[0] == 0
+    assert scores() != first  # redone with the second weights
+    # Predictions without a record (an older restore-cli) are not trusted either.
+    (out / "pred" / "final" / ".restore-cli-model.json").unlink()
+    with pytest.raises(ConfigError, match="no recorded model made"):
+        run(EvalOptions(models=files[1:], data=data, output_dir=out, quiet=True))
