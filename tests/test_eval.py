@@ -430,6 +430,16 @@ def test_no_reference_mode_scores_predictions_alone(tmp_path: Path, monkeypatch)
     assert all(float(row["niqe"]) > 0 for row in rows) and rows[0]["gt"] == ""
 
 
+def one_photo_set(tmp_path: Path, side: int) -> Path:
+    """A `synthesize` output of one random photo with medium Gaussian noise."""
+    clean = tmp_path / "clean"
+    save(clean / "photo.png", photo(0, (side, side)))
+    data = tmp_path / "data"
+    spec = make_spec(["gaussian_noise"], ["medium"])
+    assert synthesize(SynthesizeOptions([str(clean)], output_dir=data, spec=spec, quiet=True)) == 0
+    return data
+
+
 def test_the_cli_builds_the_same_options(tmp_path: Path):
     """Through `restore-cli eval` itself: every option the command passes must exist (a
     renamed field once made every eval invocation crash with a TypeError)."""
@@ -437,11 +447,7 @@ def test_the_cli_builds_the_same_options(tmp_path: Path):
 
     from restore_cli.cli import app
 
-    clean = tmp_path / "clean"
-    save(clean / "photo.png", photo(0, (48, 48)))
-    data = tmp_path / "data"
-    spec = make_spec(["gaussian_noise"], ["medium"])
-    assert synthesize(SynthesizeOptions([str(clean)], output_dir=data, spec=spec, quiet=True)) == 0
+    data = one_photo_set(tmp_path, 48)
     out = tmp_path / "eval"
     args = ["eval", "--model", "identity", "--data", str(data), "-o", str(out), "-q"]
     result = CliRunner().invoke(app, args)
@@ -470,11 +476,7 @@ def test_predictions_of_other_weights_under_the_same_name_are_never_reused(tmp_p
         path.parent.mkdir()
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
         files.append(str(path))
-    clean = tmp_path / "clean"
-    save(clean / "photo.png", photo(0, (32, 32)))
-    data = tmp_path / "data"
-    spec = make_spec(["gaussian_noise"], ["medium"])
-    assert synthesize(SynthesizeOptions([str(clean)], output_dir=data, spec=spec, quiet=True)) == 0
+    data = one_photo_set(tmp_path, 32)
     out = tmp_path / "eval"
 
     def scores() -> list[str]:
