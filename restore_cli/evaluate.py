@@ -68,6 +68,7 @@ from restore_cli.restore import prefetch
 
 if TYPE_CHECKING:  # distributed imports the restore engine; only `--engine ray` needs it
     from restore_cli.distributed import RayOptions
+    from restore_cli.models.registry import LoadedModel
 
 DEFAULT_OUTPUT_DIR = Path("eval")
 DEFAULT_METRICS = ("psnr", "ssim")
@@ -541,7 +542,7 @@ def restore_predictions(options: EvalOptions, stderr: TextIO) -> list[tuple[str,
 FINGERPRINT_FILE = ".restore-cli-model.json"
 
 
-def prediction_fingerprint(loaded: Any, options: EvalOptions) -> dict[str, Any]:
+def prediction_fingerprint(loaded: LoadedModel, options: EvalOptions) -> dict[str, Any]:
     """What makes a model's predictions what they are: its weights (a digest of every tensor,
     so two files with the same stem differ, and one file named two ways does not) and the
     options that change outputs."""
