@@ -129,14 +129,14 @@ def make_spec(
     """
     validate_levels(levels)
     validate_types(types)
-    unknown = sorted(set(type_probability or {}) - set(types))
+    overrides = dict(type_probability or {})
+    unknown = sorted(set(overrides) - set(types))
     if unknown:
         raise ConfigError(
             f"type_probability names {', '.join(unknown)}, which are not among the types "
             f"({', '.join(types)})"
         )
     gate = probability if gated else 1.0
-    overrides = dict(type_probability or {})
     components = {
         name: Component(probability=overrides.get(name, gate), levels=tuple(levels))
         for name in types

@@ -544,20 +544,14 @@ def _parse_degradations(data: _Fields) -> DegradationSection:
 
 
 def _type_probabilities(fields: _Fields) -> dict[str, float]:
+    """``type_probability``: type -> probability in [0, 1], each checked like any number key
+    (whether the types exist is checked with the mixture)."""
     raw = fields.value("type_probability", {})
-    if not isinstance(raw, dict):
-        raise fields.fail(
-            "type_probability", f"expected a mapping type: probability, got {_show(raw)}"
-        )
-    probabilities = {}
-    for name, value in raw.items():
-        bad = isinstance(value, bool) or not isinstance(value, int | float)
-        if not isinstance(name, str) or bad or not 0 <= value <= 1:
-            raise fields.fail(
-                "type_probability", f"expected probabilities in [0, 1], got {name}: {_show(value)}"
-            )
-        probabilities[name] = float(value)
-    return probabilities
+    section = fields.section("type_probability", raw if isinstance(raw, Mapping) else ())
+    return {
+        str(name): _check_float(value, 0, 1, None, None, lambda m, n=name: section.fail(str(n), m))
+        for name, value in section.raw.items()
+    }
 
 
 def _parse_device(top: _Fields) -> str:
