@@ -424,6 +424,73 @@ def test_unknown_stage_and_stage_on_a_dense_model_are_config_errors(tmp_path):
         UniRestorer(**TINY).set_stage("decoder")
 
 
+def expert_batch(count: int) -> dict:
+    chain = json.dumps([{"name": "gaussian_noise", "level": "medium"}])
+    return {"chain": [chain] * count, "gt": torch.rand(count, 3, 32, 32)}
+
+
+def test_training_only_some_experts_changes_only_their_rows():
+    model = fitted_model()
+    model.set_stage("experts")
+    lq = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        leaves = torch.cdist(model.encoder(lq)[0], model.leaf_centres).argmin(1)
+    trained = 1 + model.num_types + int(leaves[0])  # the first sample's leaf expert
+    with torch.no_grad():  # a fresh NAFNet's blocks are identities (beta = gamma = 0)
+        for name, weight in model.restorer.named_parameters():
+            if name.endswith(("beta", "gamma", "lora_b")):
+                weight.normal_(0, 0.1)
+    model.train_only_experts([f"degree{int(leaves[0])}"])
+    granularity, keep = model.training_granularity(leaves)
+    assert keep is not None and bool(keep[0]) and int(granularity[0]) == 2  # only degree trains
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                  weight_decay=0.0)  # fmt: skip
+    model.train()
+    loss, _ = model(lq, stage="experts", batch=expert_batch(4))
+    loss.backward()
+    optimizer.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.endswith(("lora_a", "lora_b")) for k in changed)
+    for key in changed:
+        rows = (model.state_dict()[key] - before[key]).flatten(1).abs().amax(1).nonzero()
+        assert rows.flatten().tolist() == [trained]
+
+
+def test_a_batch_without_a_trained_expert_gives_a_zero_loss():
+    model = fitted_model()
+    model.set_stage("experts")
+    lq = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        leaves = set(torch.cdist(model.encoder(lq)[0], model.leaf_centres).argmin(1).tolist())
+    other = next(leaf for leaf in range(model.num_leaves) if leaf not in leaves)
+    model.train_only_experts([f"degree{other}"])
+    model.train()
+    loss, _ = model(lq, stage="experts", batch=expert_batch(2))
+    assert float(loss.detach()) == 0.0
+
+
+def test_expert_names_are_checked_and_need_the_experts_stage():
+    from restore_cli.errors import ConfigError
+    from restore_cli.train.config import parse_config
+
+    model = fitted_model()
+    with pytest.raises(ModelError, match=r"needs model\.stage 'experts'"):
+        model.train_only_experts(["degree0"])
+    model.set_stage("experts")
+    with pytest.raises(ModelError, match=r"unknown expert names \['leaf0'\].*degree0\.\.degree5"):
+        model.train_only_experts(["leaf0"])
+    raw = {"model": {"arch": "unirestorer", "config": TINY, "experts": ["degree0"]},
+           "data": {"clean": ["/nonexistent"]}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"model\.experts.*needs model\.stage"):
+        parse_config(raw)
+    raw["model"]["stage"] = "experts"
+    assert parse_config(raw).model.experts == ("degree0",)
+    raw["optimizer"] = {"type": "adamw", "weight_decay": 0.01}
+    with pytest.raises(ConfigError, match=r"weight_decay.*must be 0 when model\.experts"):
+        parse_config(raw)
+
+
 def test_daclip_encoder_embeds_the_control_towers_features_of_each_crop():
     from restore_cli.models.daclip import clip_preprocess
     from restore_cli.models.degradation_encoder import DaclipDegradationEncoder

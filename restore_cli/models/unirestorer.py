@@ -338,6 +338,7 @@ class UniRestorer(nn.Module):
         self.register_buffer("clusters_fitted", torch.zeros((), dtype=torch.long))
         self.stage: str | None = None
         self.restoration_loss: WeightedLoss | None = None
+        self.trained_experts: torch.Tensor | None = None  # [E] bool, see train_only_experts
 
     # -- experts ---------------------------------------------------------------------------
     def expert_names(self) -> list[str]:
@@ -473,6 +474,45 @@ class UniRestorer(nn.Module):
             module.requires_grad_(True)
         self.train(self.training)
 
+    def train_only_experts(self, names: Sequence[str]) -> None:
+        """Experts stage on a few experts: only their low-rank deltas learn (e.g. ``degree8``).
+
+        Every other weight is frozen. Each sample trains a granularity whose expert is among
+        ``names`` and a sample with none is left out of the loss, so the other experts' rows of
+        the stacked deltas get no gradient: with no weight decay, every route that uses none of
+        ``names`` restores bit for bit as before.
+        """
+        if self.stage != "experts":
+            raise ModelError("training only some experts needs model.stage 'experts'")
+        known = self.expert_names()
+        unknown = [name for name in names if name not in known]
+        if unknown or not names:
+            raise ModelError(
+                f"unknown expert names {unknown} (valid: all, type0..type{self.num_types - 1}, "
+                f"degree0..degree{self.num_leaves - 1})"
+            )
+        mask = torch.tensor([name in set(names) for name in known])
+        self.trained_experts = mask.to(self.leaf_centres.device)
+        self.requires_grad_(False)
+        for module in self.restorer.modules():
+            if isinstance(module, ExpertConv1x1):
+                module.lora_a.requires_grad_(True)
+                module.lora_b.requires_grad_(True)
+
+    def training_granularity(self, leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The experts stage's granularity per sample: uniform, or (with
+        :meth:`train_only_experts`) uniform among those whose expert trains, plus which samples
+        have one (None when every expert trains)."""
+        if self.trained_experts is None:
+            return torch.randint(len(GRANULARITIES), leaf.shape, device=leaf.device), None
+        experts = torch.stack(
+            [self.expert_index(leaf, torch.full_like(leaf, g)) for g in range(len(GRANULARITIES))],
+            1,
+        )
+        allowed = self.trained_experts[experts]
+        draw = torch.rand(allowed.shape, device=leaf.device).masked_fill(~allowed, -1.0)
+        return draw.argmax(1), allowed.any(1)
+
     def train(self, mode: bool = True) -> UniRestorer:
         """Frozen parts stay in eval mode: the encoder's BatchNorm statistics must not drift
         (nor depend on the batch) while the experts and routers learn on its embeddings."""
@@ -560,15 +600,22 @@ class UniRestorer(nn.Module):
             embedding, type_logits, degree_pred = self.encoder(lq)
             leaf = torch.cdist(embedding, self.leaf_centres).argmin(1)
         if stage == "experts":
-            granularity = torch.randint(len(GRANULARITIES), leaf.shape, device=lq.device)
+            granularity, keep = self.training_granularity(leaf)
             gates = F.one_hot(self.expert_index(leaf, granularity), self.num_experts).float()
+            scale = 1.0
+            if keep is not None:  # only some experts train: the other samples teach nothing
+                if keep.any():
+                    lq, gt, gates = lq[keep], gt[keep], gates[keep]
+                else:  # a zero loss keeps the step (and DDP's all-reduce) in step
+                    scale = 0.0
             pred = self.restorer(lq, gates)
             if self.restoration_loss is not None:
-                return self.restoration_loss(pred, gt)
+                total, parts = self.restoration_loss(pred, gt)
+                return total * scale, parts
             from restore_cli.train.losses import charbonnier_loss  # training only: lazily
 
             loss = charbonnier_loss(pred, gt)
-            return loss, {"loss_charbonnier": loss}
+            return loss * scale, {"loss_charbonnier": loss}
         # router: leaf classification + data uncertainty + best-granularity target + balance
         mu, logvar = self.mu(embedding), self.sigma(embedding)
         leaf_logits = noisy_logits(self.leaf_gate(mu), self.leaf_noise, mu)

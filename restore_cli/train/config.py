@@ -55,13 +55,15 @@ class ModelSection:
 
     ``init`` starts a new run from other weights (an earlier training stage, or a dense model's
     weights inside a larger one); ``stage`` names the part a staged model trains (UniRestorer:
-    encoder, experts, router); the model then computes its own losses.
+    encoder, experts, router); the model then computes its own losses. ``experts`` narrows
+    UniRestorer's experts stage to the named experts (e.g. ``[degree8]``), freezing the rest.
     """
 
     arch: str
     config: dict[str, Any]
     init: tuple[InitWeights, ...] = ()
     stage: str | None = None
+    experts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -435,13 +437,16 @@ def parse_config(raw: Any) -> TrainConfig:
         config = dataclasses.replace(config, ema=defaults.ema)
     if config.scheduler.warmup >= config.iterations:
         raise top.fail("scheduler.warmup", f"must be < iterations ({config.iterations})")
+    if config.model.experts and config.optimizer.weight_decay:
+        # decoupled weight decay would shrink the frozen experts' rows of the shared tensors
+        raise top.fail("optimizer.weight_decay", "must be 0 when model.experts is set")
     return config
 
 
 def _parse_model(top: _Fields) -> ModelSection:
     if not top.has("model"):
         raise ConfigError("missing config key 'model' (arch and config of the network)")
-    fields = top.section("model", ["arch", "config", "init", "stage"])
+    fields = top.section("model", ["arch", "config", "init", "stage", "experts"])
     arch = fields.text("arch", None)
     if arch is None:
         raise ConfigError("missing config key 'model.arch' (e.g. nafnet)")
@@ -460,7 +465,11 @@ def _parse_model(top: _Fields) -> ModelSection:
         raise fields.fail(name, str(error)) from None
     except (TypeError, ValueError) as error:
         raise fields.fail("config", str(error)) from None
-    return ModelSection(arch, config, _parse_init(fields), fields.text("stage", None))
+    stage = fields.text("stage", None)
+    experts = fields.strings("experts")
+    if experts and stage != "experts":
+        raise fields.fail("experts", "needs model.stage: experts")
+    return ModelSection(arch, config, _parse_init(fields), stage, experts)
 
 
 def _parse_init(fields: _Fields) -> tuple[InitWeights, ...]:

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from restore_cli.errors import ConfigError, RestoreCliError
+from restore_cli.errors import ConfigError, ModelError, RestoreCliError
 from restore_cli.io.atomic import atomic_write_bytes
 from restore_cli.train.checkpoint import (
     Checkpoint,
@@ -427,6 +427,14 @@ class Trainer:
                     f"config key 'model.stage': {config.model.arch} is not trained in stages"
                 )
             set_stage(self.stage)
+        if config.model.experts:
+            train_only = getattr(module, "train_only_experts", None)
+            if train_only is None:
+                raise ConfigError(f"config key 'model.experts': {config.model.arch} has no experts")
+            try:
+                train_only(config.model.experts)
+            except ModelError as error:
+                raise ConfigError(f"config key 'model.experts': {error}") from None
         if config.channels_last:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
