@@ -470,6 +470,58 @@ def test_a_batch_without_a_trained_expert_gives_a_zero_loss():
     assert float(loss.detach()) == 0.0
 
 
+def test_auto_expert_route_trains_what_auto_mode_picks_and_only_the_named_rows():
+    model = fitted_model()
+    model.topk = 2  # every sample mixes two experts, so the row guard is what keeps the rest
+    model.set_stage("experts")
+    model.use_expert_route("auto")
+    lq = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        encoded = model.encoder(lq)
+        auto = model.route_embedding(*encoded).expert_weights
+    gates, keep = model.training_gates(*encoded)
+    assert torch.equal(gates, auto) and keep is None
+    assert bool(((auto > 0).sum(1) == 2).all())
+    trained = int(auto[0].argmax())
+    with torch.no_grad():  # a fresh NAFNet's blocks are identities (beta = gamma = 0)
+        for name, weight in model.restorer.named_parameters():
+            if name.endswith(("beta", "gamma", "lora_b")):
+                weight.normal_(0, 0.1)
+    model.train_only_experts([model.expert_names()[trained]])
+    gates, keep = model.training_gates(*encoded)
+    assert keep is not None and bool(keep[0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                  weight_decay=0.0)  # fmt: skip
+    model.train()
+    loss, _ = model(lq, stage="experts", batch=expert_batch(4))
+    loss.backward()
+    optimizer.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.endswith(("lora_a", "lora_b")) for k in changed)
+    for key in changed:
+        rows = (model.state_dict()[key] - before[key]).flatten(1).abs().amax(1).nonzero()
+        assert rows.flatten().tolist() == [trained]
+
+
+def test_expert_route_is_checked_and_needs_the_experts_stage():
+    from restore_cli.errors import ConfigError
+    from restore_cli.train.config import parse_config
+
+    model = fitted_model()
+    with pytest.raises(ModelError, match=r"needs model\.stage 'experts'"):
+        model.use_expert_route("auto")
+    model.set_stage("experts")
+    with pytest.raises(ModelError, match=r"unknown expert route 'router' \(valid: nearest, auto\)"):
+        model.use_expert_route("router")
+    raw = {"model": {"arch": "unirestorer", "config": TINY, "expert_route": "auto"},
+           "data": {"clean": ["/nonexistent"]}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"model\.expert_route.*needs model\.stage"):
+        parse_config(raw)
+    raw["model"]["stage"] = "experts"
+    assert parse_config(raw).model.expert_route == "auto"
+
+
 def test_expert_names_are_checked_and_need_the_experts_stage():
     from restore_cli.errors import ConfigError
     from restore_cli.train.config import parse_config

@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     from restore_cli.train.losses import WeightedLoss
 
 STAGES = ("encoder", "experts", "router")
+EXPERT_ROUTES = ("nearest", "auto")  # see UniRestorer.use_expert_route
 ENCODERS = ("cnn", "daclip")
 DEFAULT_FAMILIES = ("noise", "blur", "jpeg", "lowlight", "haze", "rain", "snow")
 LICENCE = "MIT (restore-cli; architecture written and weights trained here)"
@@ -339,6 +340,7 @@ class UniRestorer(nn.Module):
         self.stage: str | None = None
         self.restoration_loss: WeightedLoss | None = None
         self.trained_experts: torch.Tensor | None = None  # [E] bool, see train_only_experts
+        self.expert_route = "nearest"  # see use_expert_route
 
     # -- experts ---------------------------------------------------------------------------
     def expert_names(self) -> list[str]:
@@ -494,10 +496,45 @@ class UniRestorer(nn.Module):
         mask = torch.tensor([name in set(names) for name in known])
         self.trained_experts = mask.to(self.leaf_centres.device)
         self.requires_grad_(False)
+        rows = self.trained_experts.float()[:, None, None]
         for module in self.restorer.modules():
             if isinstance(module, ExpertConv1x1):
-                module.lora_a.requires_grad_(True)
-                module.lora_b.requires_grad_(True)
+                for delta in (module.lora_a, module.lora_b):
+                    delta.requires_grad_(True)
+                    # a sample's gates may mix in other experts (top-k > 1): their rows
+                    # still get no gradient
+                    delta.register_hook(lambda grad, rows=rows: grad * rows.to(grad))
+
+    def use_expert_route(self, name: str) -> None:
+        """Which expert each crop trains in the experts stage.
+
+        ``nearest`` (the paper's): the leaf whose centre is nearest the crop's embedding, at a
+        uniform random granularity, so every expert learns its own cluster. ``auto``: the
+        expert auto mode would give the crop (the router's leaf and granularity gates, without
+        their training noise), so each expert learns the traffic it actually serves at restore
+        time, misrouted crops included, and experts auto mode never picks get no crops.
+        """
+        if name not in EXPERT_ROUTES:
+            raise ModelError(f"unknown expert route {name!r} (valid: {', '.join(EXPERT_ROUTES)})")
+        if name != "nearest" and self.stage != "experts":
+            raise ModelError(f"expert route {name!r} needs model.stage 'experts'")
+        self.expert_route = name
+
+    def training_gates(
+        self, embedding: torch.Tensor, type_logits: torch.Tensor, degree: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The experts stage's gates [B,E] per sample (see :meth:`use_expert_route`), and which
+        samples reach a trained expert (None when every expert trains)."""
+        if self.expert_route == "auto":
+            with torch.no_grad():
+                gates = self.route_embedding(embedding, type_logits, degree).expert_weights
+            if self.trained_experts is None:
+                return gates, None
+            return gates, (gates[:, self.trained_experts] > 0).any(1)
+        leaf = torch.cdist(embedding, self.leaf_centres).argmin(1)
+        granularity, keep = self.training_granularity(leaf)
+        gates = F.one_hot(self.expert_index(leaf, granularity), self.num_experts).float()
+        return gates, keep
 
     def training_granularity(self, leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The experts stage's granularity per sample: uniform, or (with
@@ -598,10 +635,8 @@ class UniRestorer(nn.Module):
         gt = batch["gt"].to(lq.device)
         with torch.no_grad():
             embedding, type_logits, degree_pred = self.encoder(lq)
-            leaf = torch.cdist(embedding, self.leaf_centres).argmin(1)
         if stage == "experts":
-            granularity, keep = self.training_granularity(leaf)
-            gates = F.one_hot(self.expert_index(leaf, granularity), self.num_experts).float()
+            gates, keep = self.training_gates(embedding, type_logits, degree_pred)
             scale = 1.0
             if keep is not None:  # only some experts train: the other samples teach nothing
                 if keep.any():
@@ -617,6 +652,7 @@ class UniRestorer(nn.Module):
             loss = charbonnier_loss(pred, gt)
             return loss * scale, {"loss_charbonnier": loss}
         # router: leaf classification + data uncertainty + best-granularity target + balance
+        leaf = torch.cdist(embedding, self.leaf_centres).argmin(1)
         mu, logvar = self.mu(embedding), self.sigma(embedding)
         leaf_logits = noisy_logits(self.leaf_gate(mu), self.leaf_noise, mu)
         loss_leaf = F.cross_entropy(leaf_logits, leaf)

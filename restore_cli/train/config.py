@@ -56,7 +56,9 @@ class ModelSection:
     ``init`` starts a new run from other weights (an earlier training stage, or a dense model's
     weights inside a larger one); ``stage`` names the part a staged model trains (UniRestorer:
     encoder, experts, router); the model then computes its own losses. ``experts`` narrows
-    UniRestorer's experts stage to the named experts (e.g. ``[degree8]``), freezing the rest.
+    UniRestorer's experts stage to the named experts (e.g. ``[degree8]``), freezing the rest;
+    ``expert_route`` says which expert each crop trains there (``nearest``: its cluster's, the
+    paper's; ``auto``: the one auto mode would route it to).
     """
 
     arch: str
@@ -64,6 +66,7 @@ class ModelSection:
     init: tuple[InitWeights, ...] = ()
     stage: str | None = None
     experts: tuple[str, ...] = ()
+    expert_route: str = "nearest"
 
 
 @dataclass(frozen=True)
@@ -446,7 +449,7 @@ def parse_config(raw: Any) -> TrainConfig:
 def _parse_model(top: _Fields) -> ModelSection:
     if not top.has("model"):
         raise ConfigError("missing config key 'model' (arch and config of the network)")
-    fields = top.section("model", ["arch", "config", "init", "stage", "experts"])
+    fields = top.section("model", ["arch", "config", "init", "stage", "experts", "expert_route"])
     arch = fields.text("arch", None)
     if arch is None:
         raise ConfigError("missing config key 'model.arch' (e.g. nafnet)")
@@ -469,7 +472,10 @@ def _parse_model(top: _Fields) -> ModelSection:
     experts = fields.strings("experts")
     if experts and stage != "experts":
         raise fields.fail("experts", "needs model.stage: experts")
-    return ModelSection(arch, config, _parse_init(fields), stage, experts)
+    expert_route = fields.text("expert_route", "nearest")
+    if expert_route != "nearest" and stage != "experts":
+        raise fields.fail("expert_route", "needs model.stage: experts")
+    return ModelSection(arch, config, _parse_init(fields), stage, experts, expert_route)
 
 
 def _parse_init(fields: _Fields) -> tuple[InitWeights, ...]:

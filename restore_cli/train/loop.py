@@ -435,6 +435,16 @@ class Trainer:
                 train_only(config.model.experts)
             except ModelError as error:
                 raise ConfigError(f"config key 'model.experts': {error}") from None
+        if config.model.expert_route != "nearest":
+            use_route = getattr(module, "use_expert_route", None)
+            if use_route is None:
+                raise ConfigError(
+                    f"config key 'model.expert_route': {config.model.arch} has no experts"
+                )
+            try:
+                use_route(config.model.expert_route)
+            except ModelError as error:
+                raise ConfigError(f"config key 'model.expert_route': {error}") from None
         if config.channels_last:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
