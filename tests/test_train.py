@@ -26,7 +26,7 @@ from restore_cli.train import TrainOptions, load_config, run_training, train
 from restore_cli.train.checkpoint import list_checkpoints, resolve_resume
 from restore_cli.train.config import LossTerm, apply_overrides, parse_config
 from restore_cli.train.data import StepBatchSampler
-from restore_cli.train.loop import lr_factor
+from restore_cli.train.loop import config_changes, lr_factor
 from restore_cli.train.losses import WeightedLoss, charbonnier_loss, fft_loss, psnr_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,6 +288,15 @@ def test_resume_is_bit_exact(photos, tmp_path, ema):
         assert all(torch.equal(a[key], b[key]) for key in a), name
     losses = [[r["loss"] for r in read_rows(d / "log.csv")] for d in (straight, split)]
     assert losses[0] == losses[1]
+
+
+def test_resume_notes_real_config_changes_not_keys_added_since(photos):
+    config = load_config(TINY, data_overrides(photos))
+    saved = config.to_dict()
+    del saved["model"]["expert_route"]  # a checkpoint from before that key existed
+    assert config_changes(saved, config) == []
+    saved["batch"] = config.batch + 1
+    assert config_changes(saved, config) == ["batch"]
 
 
 def test_resume_auto_takes_the_latest_complete_checkpoint(photos, tmp_path):

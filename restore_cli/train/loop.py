@@ -45,7 +45,13 @@ from restore_cli.train.checkpoint import (
     weights_bytes,
     weights_metadata,
 )
-from restore_cli.train.config import InitWeights, TrainConfig, dump_config, load_config
+from restore_cli.train.config import (
+    InitWeights,
+    TrainConfig,
+    dump_config,
+    load_config,
+    parse_config,
+)
 from restore_cli.train.data import (
     StepBatchSampler,
     ValImage,
@@ -541,7 +547,7 @@ class Trainer:
         self.step = int(state["step"])
         self.last_saved = self.step
         self.elapsed_before = float(state.get("elapsed", 0.0))
-        self.config_changes = changed_keys(state.get("config", {}), self.config.to_dict())
+        self.config_changes = config_changes(state.get("config", {}), self.config)
         return state["rng"]
 
     def open_logs(self) -> None:
@@ -854,6 +860,15 @@ class Trainer:
             f"done: {self.step} iterations in {self.seconds():.0f} s; "
             f"weights {self.run_dir / FINAL_NAME}"
         )
+
+
+def config_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """Keys of ``config`` that differ from a checkpoint's saved config. The saved one is parsed
+    again first, so keys added to the schema since it was written (at their defaults) are not
+    reported as changes."""
+    with contextlib.suppress(ConfigError):  # a schema that no longer parses: compare as is
+        saved = parse_config(saved).to_dict()
+    return changed_keys(saved, config.to_dict())
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
