@@ -484,6 +484,7 @@ def test_predictions_of_other_weights_under_the_same_name_are_never_reused(tmp_p
 
     with pytest.raises(ConfigError, match="are both named 'final'"):
         run(EvalOptions(models=files, data=data, output_dir=out, quiet=True))
+    assert not (out / "pred").exists()  # refused before the first model ran
     assert run(EvalOptions(models=files[:1], data=data, output_dir=out, quiet=True))[0] == 0
     first = scores()
     assert run(EvalOptions(models=files[:1], data=data, output_dir=out, quiet=True))[0] == 0

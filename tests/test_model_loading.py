@@ -16,7 +16,13 @@ from torch import nn
 
 from restore_cli import weights
 from restore_cli.errors import ModelError, WeightsError
-from restore_cli.models.loading import list_models, load_model, read_state_dict, unwrap_checkpoint
+from restore_cli.models.loading import (
+    list_models,
+    load_model,
+    model_name,
+    read_state_dict,
+    unwrap_checkpoint,
+)
 from restore_cli.models.nafnet import build_nafnet
 
 TINY_NAFNET = {
@@ -307,6 +313,22 @@ def test_weights_override_uses_the_users_file(
     assert loaded.name == "tiny-nafnet"
     assert loaded.source == str(users_file)
     assert same_function(loaded.module, other)
+
+
+def test_model_name_is_the_name_load_model_gives(
+    tiny_registry: dict[str, Any], tmp_path: Path
+) -> None:
+    users_file = tmp_path / "mine.safetensors"
+    save_file(state_dict_of(random_nafnet(seed=7)), str(users_file))
+    for model, weights_file in [
+        ("tiny-nafnet", None),  # a registered name
+        ("tiny-nafnet", users_file),  # a registered name with the user's file
+        (str(users_file), None),  # a file
+        ("nafnet", users_file),  # --model ARCH --weights FILE
+        ("nlmeans", None),  # a built-in baseline
+    ]:
+        expected = load_model(model, weights=weights_file).name
+        assert model_name(model, weights=weights_file) == expected, model
 
 
 def test_entry_config_that_does_not_fit_the_file(tiny_registry: dict[str, Any]) -> None:

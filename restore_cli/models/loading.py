@@ -253,6 +253,26 @@ def load_model(
     )
 
 
+def model_name(
+    name_or_path: str | os.PathLike[str], *, weights: str | os.PathLike[str] | None = None
+) -> str:
+    """The name :func:`load_model` gives a model, without loading it: a file's stem, the
+    weights file's stem for ``ARCH --weights FILE``, else the registered name itself. Lets
+    ``eval --model`` refuse two models that would share a prediction folder before any runs."""
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path.stem
+    if (
+        weights is not None
+        and not is_baseline(text)
+        and text not in load_weights_registry()
+        and text in architecture_names()
+    ):
+        return Path(weights).expanduser().stem
+    return text
+
+
 def list_models() -> list[dict[str, Any]]:
     """One row per weights.yaml entry, then the built-in baselines, for ``restore-cli models``."""
     registered = [
