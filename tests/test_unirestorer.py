@@ -429,6 +429,22 @@ def expert_batch(count: int) -> dict:
     return {"chain": [chain] * count, "gt": torch.rand(count, 3, 32, 32)}
 
 
+def assert_one_step_changes_only_expert(model: UniRestorer, lq: torch.Tensor, trained: int):
+    """One AdamW step of the experts stage changes only expert ``trained``'s delta rows."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                  weight_decay=0.0)  # fmt: skip
+    model.train()
+    loss, _ = model(lq, stage="experts", batch=expert_batch(lq.shape[0]))
+    loss.backward()
+    optimizer.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.endswith(("lora_a", "lora_b")) for k in changed)
+    for key in changed:
+        rows = (model.state_dict()[key] - before[key]).flatten(1).abs().amax(1).nonzero()
+        assert rows.flatten().tolist() == [trained]
+
+
 def test_training_only_some_experts_changes_only_their_rows():
     model = fitted_model()
     model.set_stage("experts")
@@ -443,18 +459,7 @@ def test_training_only_some_experts_changes_only_their_rows():
     model.train_only_experts([f"degree{int(leaves[0])}"])
     granularity, keep = model.training_granularity(leaves)
     assert keep is not None and bool(keep[0]) and int(granularity[0]) == 2  # only degree trains
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
-                                  weight_decay=0.0)  # fmt: skip
-    model.train()
-    loss, _ = model(lq, stage="experts", batch=expert_batch(4))
-    loss.backward()
-    optimizer.step()
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all(k.endswith(("lora_a", "lora_b")) for k in changed)
-    for key in changed:
-        rows = (model.state_dict()[key] - before[key]).flatten(1).abs().amax(1).nonzero()
-        assert rows.flatten().tolist() == [trained]
+    assert_one_step_changes_only_expert(model, lq, trained)
 
 
 def test_a_batch_without_a_trained_expert_gives_a_zero_loss():
@@ -490,18 +495,7 @@ def test_auto_expert_route_trains_what_auto_mode_picks_and_only_the_named_rows()
     model.train_only_experts([model.expert_names()[trained]])
     gates, keep = model.training_gates(*encoded)
     assert keep is not None and bool(keep[0])
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
-                                  weight_decay=0.0)  # fmt: skip
-    model.train()
-    loss, _ = model(lq, stage="experts", batch=expert_batch(4))
-    loss.backward()
-    optimizer.step()
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all(k.endswith(("lora_a", "lora_b")) for k in changed)
-    for key in changed:
-        rows = (model.state_dict()[key] - before[key]).flatten(1).abs().amax(1).nonzero()
-        assert rows.flatten().tolist() == [trained]
+    assert_one_step_changes_only_expert(model, lq, trained)
 
 
 def test_expert_route_is_checked_and_needs_the_experts_stage():
