@@ -479,10 +479,10 @@ class UniRestorer(nn.Module):
     def train_only_experts(self, names: Sequence[str]) -> None:
         """Experts stage on a few experts: only their low-rank deltas learn (e.g. ``degree8``).
 
-        Every other weight is frozen. Each sample trains a granularity whose expert is among
-        ``names`` and a sample with none is left out of the loss, so the other experts' rows of
-        the stacked deltas get no gradient: with no weight decay, every route that uses none of
-        ``names`` restores bit for bit as before.
+        Every other weight is frozen, and a gradient hook zeroes the other experts' rows of the
+        stacked deltas (whatever the gates mix): with no weight decay, every route that uses
+        none of ``names`` restores bit for bit as before. Each sample trains a granularity whose
+        expert is among ``names``; a sample with none is left out of the loss.
         """
         if self.stage != "experts":
             raise ModelError("training only some experts needs model.stage 'experts'")

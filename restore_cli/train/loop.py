@@ -434,23 +434,9 @@ class Trainer:
                 )
             set_stage(self.stage)
         if config.model.experts:
-            train_only = getattr(module, "train_only_experts", None)
-            if train_only is None:
-                raise ConfigError(f"config key 'model.experts': {config.model.arch} has no experts")
-            try:
-                train_only(config.model.experts)
-            except ModelError as error:
-                raise ConfigError(f"config key 'model.experts': {error}") from None
+            apply_expert_option(module, config, "experts", "train_only_experts")
         if config.model.expert_route != "nearest":
-            use_route = getattr(module, "use_expert_route", None)
-            if use_route is None:
-                raise ConfigError(
-                    f"config key 'model.expert_route': {config.model.arch} has no experts"
-                )
-            try:
-                use_route(config.model.expert_route)
-            except ModelError as error:
-                raise ConfigError(f"config key 'model.expert_route': {error}") from None
+            apply_expert_option(module, config, "expert_route", "use_expert_route")
         if config.channels_last:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
@@ -860,6 +846,18 @@ class Trainer:
             f"done: {self.step} iterations in {self.seconds():.0f} s; "
             f"weights {self.run_dir / FINAL_NAME}"
         )
+
+
+def apply_expert_option(module: nn.Module, config: TrainConfig, key: str, method: str) -> None:
+    """Hand ``model.<key>`` to the model's ``method`` (UniRestorer's expert options); the
+    model's refusal becomes a config error naming the key."""
+    apply = getattr(module, method, None)
+    if apply is None:
+        raise ConfigError(f"config key 'model.{key}': {config.model.arch} has no experts")
+    try:
+        apply(getattr(config.model, key))
+    except ModelError as error:
+        raise ConfigError(f"config key 'model.{key}': {error}") from None
 
 
 def config_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
