@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import csv
+import gc
 import io
 import math
 import os
@@ -145,7 +146,12 @@ def start_distributed(config: TrainConfig) -> tuple[Distributed, torch.device]:
 
 
 def stop_distributed(distributed: Distributed) -> None:
+    """Leave the job while the interpreter is fully alive. The Trainer sits in reference
+    cycles, so without the collection its DDP wrapper (and the gloo work it holds) would be
+    freed only at interpreter shutdown, where a gloo thread touching a Python object aborts
+    the process ("terminate called without an active exception", exit -6) after a good run."""
     if distributed.enabled and torch.distributed.is_initialized():
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
@@ -629,6 +635,8 @@ class Trainer:
             if resource is not None:
                 resource.close()
         self.batches = iter(())  # drops the loader iterator, which stops its worker processes
+        if isinstance(getattr(self, "model", None), nn.parallel.DistributedDataParallel):
+            self.model = self.module  # see stop_distributed
 
     def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         lq = batch["lq"].to(self.device, non_blocking=True)
