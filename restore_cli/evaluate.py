@@ -488,7 +488,7 @@ def join_metadata(rows: list[Row], metadata: dict[str, dict[str, str]], stderr: 
 def restore_predictions(options: EvalOptions, stderr: TextIO) -> list[tuple[str, Path]] | None:
     """Run each ``--model`` on ``data/lq`` into ``OUT/pred/<model>``; (name, folder) each, or
     None when the user interrupted a restoration (finished files are kept)."""
-    from restore_cli.models.loading import load_model, model_name
+    from restore_cli.models.loading import resolve_model
     from restore_cli.restore import EXIT_INTERRUPTED as RESTORE_INTERRUPTED
     from restore_cli.restore import RestoreOptions, RestoreRun, Streams
 
@@ -496,19 +496,19 @@ def restore_predictions(options: EvalOptions, stderr: TextIO) -> list[tuple[str,
     lq = options.data / "lq"
     if not lq.is_dir():
         raise ConfigError(f"{options.data}: no lq/ folder (expected a synthesize output)")
+    requests = [resolve_model(name, weights=options.weights) for name in options.models]
     made_by: dict[str, str] = {}
-    for name in options.models:  # before any model runs
-        label = model_name(name, weights=options.weights)
-        if label in made_by:
+    for name, request in zip(options.models, requests, strict=True):  # before any model runs
+        if request.name in made_by:
             raise ConfigError(
-                f"--model {made_by[label]} and --model {name} are both named {label!r}, so "
-                f"their predictions would share {options.output_dir}/pred/{label}; give one "
-                "weights file another name"
+                f"--model {made_by[request.name]} and --model {name} are both named "
+                f"{request.name!r}, so their predictions would share "
+                f"{options.output_dir}/pred/{request.name}; give one weights file another name"
             )
-        made_by[label] = name
+        made_by[request.name] = name
     folders = []
-    for name in options.models:
-        loaded = load_model(name, weights=options.weights)
+    for name, request in zip(options.models, requests, strict=True):
+        loaded = request.load()
         folder = options.output_dir / "pred" / loaded.name
         claim_prediction_folder(folder, prediction_fingerprint(loaded, options), options)
         restore_options = RestoreOptions(

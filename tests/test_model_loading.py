@@ -19,8 +19,8 @@ from restore_cli.errors import ModelError, WeightsError
 from restore_cli.models.loading import (
     list_models,
     load_model,
-    model_name,
     read_state_dict,
+    resolve_model,
     unwrap_checkpoint,
 )
 from restore_cli.models.nafnet import build_nafnet
@@ -315,7 +315,7 @@ def test_weights_override_uses_the_users_file(
     assert same_function(loaded.module, other)
 
 
-def test_model_name_is_the_name_load_model_gives(
+def test_resolve_model_names_it_as_loading_does(
     tiny_registry: dict[str, Any], tmp_path: Path
 ) -> None:
     users_file = tmp_path / "mine.safetensors"
@@ -327,8 +327,9 @@ def test_model_name_is_the_name_load_model_gives(
         ("nafnet", users_file),  # --model ARCH --weights FILE
         ("nlmeans", None),  # a built-in baseline
     ]:
-        expected = load_model(model, weights=weights_file).name
-        assert model_name(model, weights=weights_file) == expected, model
+        request = resolve_model(model, weights=weights_file)
+        assert request.load().name == request.name, model
+        assert load_model(model, weights=weights_file).name == request.name, model
 
 
 def test_entry_config_that_does_not_fit_the_file(tiny_registry: dict[str, Any]) -> None:

@@ -15,7 +15,8 @@ import pickle
 import re
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -215,13 +216,22 @@ def _strip_shared_prefix(tensors: StateDict, prefix: str) -> StateDict:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_model(
-    name_or_path: str | os.PathLike[str],
-    *,
-    weights: str | os.PathLike[str] | None = None,
-    device: str | torch.device = "cpu",
-) -> LoadedModel:
-    """A ready-to-run model from a weights file path or a weights.yaml name.
+@dataclass(frozen=True)
+class ModelRequest:
+    """What a ``--model`` value (with its ``--weights``) names, found without loading anything,
+    so ``eval`` can check every model's name before the first one runs."""
+
+    name: str  # what outputs call it: a file's stem (also ARCH --weights FILE), else the name
+    load_on_cpu: Callable[[], LoadedModel]
+
+    def load(self, device: str | torch.device = "cpu") -> LoadedModel:
+        return _ready(self.load_on_cpu(), device)
+
+
+def resolve_model(
+    name_or_path: str | os.PathLike[str], *, weights: str | os.PathLike[str] | None = None
+) -> ModelRequest:
+    """Which model a path or weights.yaml name means (the errors :func:`load_model` gives).
 
     A path is detected (our architectures first, then spandrel); a name is built from its
     weights.yaml config and loaded from its verified file, or from ``weights`` when given (the
@@ -234,16 +244,17 @@ def load_model(
             raise ModelError(
                 f"{path} is already a weights file; --weights only goes with a model name"
             )
-        return _ready(_load_from_file(path), device)
+        return ModelRequest(path.stem, partial(_load_from_file, path))
     if is_baseline(text):
         if weights is not None:
             raise ModelError(f"model {text!r} is a built-in baseline; it takes no --weights")
-        return _ready(load_baseline(text), device)
+        return ModelRequest(text, partial(load_baseline, text))
     entries = load_weights_registry()
     if text in entries:
-        return _ready(_load_entry(entries[text], weights), device)
+        return ModelRequest(text, partial(_load_entry, entries[text], weights))
     if weights is not None and text in architecture_names():
-        return _ready(_load_architecture_file(text, Path(weights).expanduser()), device)
+        weights_path = Path(weights).expanduser()
+        return ModelRequest(weights_path.stem, partial(_load_architecture_file, text, weights_path))
     if _looks_like_path(text):
         raise WeightsError(f"weights file not found: {path}")
     known = ", ".join(sorted([*entries, *BASELINES]))
@@ -253,24 +264,15 @@ def load_model(
     )
 
 
-def model_name(
-    name_or_path: str | os.PathLike[str], *, weights: str | os.PathLike[str] | None = None
-) -> str:
-    """The name :func:`load_model` gives a model, without loading it: a file's stem, the
-    weights file's stem for ``ARCH --weights FILE``, else the registered name itself. Lets
-    ``eval --model`` refuse two models that would share a prediction folder before any runs."""
-    text = os.fspath(name_or_path)
-    path = Path(text).expanduser()
-    if path.is_file():
-        return path.stem
-    if (
-        weights is not None
-        and not is_baseline(text)
-        and text not in load_weights_registry()
-        and text in architecture_names()
-    ):
-        return Path(weights).expanduser().stem
-    return text
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """A ready-to-run model (eval mode, no autograd, on ``device``) from a weights file path or
+    a weights.yaml name; see :func:`resolve_model`."""
+    return resolve_model(name_or_path, weights=weights).load(device)
 
 
 def list_models() -> list[dict[str, Any]]:
