@@ -496,9 +496,9 @@ def restore_predictions(options: EvalOptions, stderr: TextIO) -> list[tuple[str,
     lq = options.data / "lq"
     if not lq.is_dir():
         raise ConfigError(f"{options.data}: no lq/ folder (expected a synthesize output)")
-    requests = [resolve_model(name, weights=options.weights) for name in options.models]
+    requests = [(name, resolve_model(name, weights=options.weights)) for name in options.models]
     made_by: dict[str, str] = {}
-    for name, request in zip(options.models, requests, strict=True):  # before any model runs
+    for name, request in requests:  # before any model runs
         if request.name in made_by:
             raise ConfigError(
                 f"--model {made_by[request.name]} and --model {name} are both named "
@@ -507,7 +507,7 @@ def restore_predictions(options: EvalOptions, stderr: TextIO) -> list[tuple[str,
             )
         made_by[request.name] = name
     folders = []
-    for name, request in zip(options.models, requests, strict=True):
+    for name, request in requests:
         loaded = request.load()
         folder = options.output_dir / "pred" / loaded.name
         claim_prediction_folder(folder, prediction_fingerprint(loaded, options), options)
