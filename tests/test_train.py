@@ -408,6 +408,8 @@ def test_two_processes_with_gloo_end_with_identical_weights(photos, tmp_path):
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert all(torch.equal(rank0[k], saved[k]) for k in rank0)
     assert [int(r["step"]) for r in read_rows(tmp_path / "run" / "log.csv")] == [1, 2, 3, 4]
+    # DDP's strict stride check on conv weight grads is silenced (see Trainer.__init__)
+    assert "Grad strides do not match" not in done.stderr
 
 
 def test_ema_warmup_forgets_the_random_init_quickly():

@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,6 +467,12 @@ class Trainer:
         self.model: nn.Module = module
         if distributed.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
+            # Conv backward returns 1x1 and depthwise weight grads whose strides differ from the
+            # weights' only on size-1 dimensions (the same memory layout). DDP compares strides
+            # strictly and warns on every job, though it copies each grad into its bucket anyway.
+            warnings.filterwarnings(
+                "ignore", message="Grad strides do not match bucket view strides"
+            )
             self.model = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
         loader = build_train_loader(
             self.dataset,
