@@ -100,6 +100,85 @@ def test_zero_initialised_deltas_make_every_expert_the_dense_backbone():
         torch.testing.assert_close(output, outputs[0])
 
 
+def lit_model(seed: int = 0) -> tuple[UniRestorer, UniRestorer]:
+    """The fitted tiny model and the same weights with an illumination front end (width 8)."""
+    plain = fitted_model(seed)
+    lit = UniRestorer(**TINY, illumination=8).eval()
+    missing, unexpected = lit.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all("illumination" in key for key in missing)
+    return plain, lit
+
+
+def one_hot_gates(model: UniRestorer, expert: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor([expert]), model.num_experts).float()
+
+
+def test_illumination_front_end_starts_as_identity_and_serves_only_low_light_experts():
+    plain, lit = lit_model()
+    low = lit.low_light_experts()
+    # blob 4 is the only low-light blob: its leaf, and its type if that is mostly low light
+    leaf_low = (lit.leaf_families[:, FAMILIES.index("lowlight")] >= 0.5).tolist()
+    assert low[1 + lit.num_types :].tolist() == leaf_low and sum(leaf_low) == 1
+    assert not bool(low[0])  # ``all`` never
+    x = image(2, (32, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(lit(x), plain(x), rtol=0, atol=0)  # zero-initialised
+        for name, weight in lit.restorer.named_parameters():
+            if "illumination" in name:
+                weight.normal_(0, 0.5)
+        for expert in range(lit.num_experts):
+            gates = one_hot_gates(lit, expert)
+            assert torch.equal(lit.light_weight(gates), low[expert : expert + 1].float())
+            same = torch.equal(lit.restorer(x, gates, lit.light_weight(gates)),
+                               plain.restorer(x, gates))  # fmt: skip
+            assert same != bool(low[expert]), lit.expert_names()[expert]
+    assert plain.light_weight(one_hot_gates(plain, 0)) is None
+
+
+def test_training_the_low_light_expert_trains_its_front_end_and_nothing_else():
+    _, lit = lit_model()
+    lit.set_stage("experts")
+    expert = int(lit.low_light_experts().nonzero()[-1])  # the low-light leaf
+    lit.train_only_experts([lit.expert_names()[expert]])
+    trainable = {name for name, p in lit.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if "illumination" in n} == {
+        n for n, _ in lit.named_parameters() if "illumination" in n
+    }
+    assert all("illumination" in n or n.endswith(("lora_a", "lora_b")) for n in trainable)
+    other = next(e for e in range(lit.num_experts) if not bool(lit.low_light_experts()[e]))
+    x = image(3, (32, 32))
+    with torch.no_grad():
+        before = lit.restorer(
+            x, one_hot_gates(lit, other), lit.light_weight(one_hot_gates(lit, other))
+        )
+    optimizer = torch.optim.AdamW([p for p in lit.parameters() if p.requires_grad], lr=1e-2,
+                                  weight_decay=0.0)  # fmt: skip
+    lq = x.repeat(2, 1, 1, 1)
+    gates = one_hot_gates(lit, expert).repeat(2, 1)
+    pred = lit.restorer(lq, gates, lit.light_weight(gates))
+    (pred - torch.rand_like(pred)).abs().mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = lit.restorer(
+            x, one_hot_gates(lit, other), lit.light_weight(one_hot_gates(lit, other))
+        )
+        lit_up = lit.restorer(
+            x, one_hot_gates(lit, expert), lit.light_weight(one_hot_gates(lit, expert))
+        )
+    assert torch.equal(before, after)  # every other route is bit for bit unchanged
+    assert not torch.equal(lit_up, after)
+
+
+def test_illumination_width_is_detected_and_checked(tmp_path):
+    _, lit = lit_model()
+    path = save_tiny(tmp_path / "lit.safetensors", lit)
+    config = detect_unirestorer(read_state_dict(path))
+    assert config is not None and config["illumination"] == 8
+    assert detect_unirestorer(fitted_model().state_dict())["illumination"] == 0
+    with pytest.raises(ModelError, match="multiple of 4"):
+        UniRestorer(**TINY, illumination=6)
+
+
 # ----------------------------------------------------------------------------- clustering
 
 

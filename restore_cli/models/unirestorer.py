@@ -28,9 +28,14 @@ understand, nothing copied; its released network is :mod:`restore_cli.models.uni
   degradation estimate is wrong), a direct and much cheaper signal on 2 CPU cores.
 * Modes: auto (routers decide), instruction (``tasks=``: masks the leaves whose degradations are
   not among the named tasks), and a ``granularity=`` override for analysis.
-* Not reproduced: the paper's RetinexFormer experts for low light. Here every expert, low-light
-  leaves included, is a low-rank delta of the same NAFNet (the release's RetinexFormer is
-  available as :mod:`restore_cli.models.retinexformer`, and in ``unirestorer-release``).
+* Low light, RetinexFormer-style (``illumination: width``, off when 0): the paper makes its
+  low-light experts RetinexFormers. Here they stay low-rank deltas of the shared NAFNet, and the
+  network gains RetinexFormer's one-stage Retinex front end (:class:`IlluminationEstimator`): a
+  light-up map from the image and its channel mean lights the input (``x · map + x``), which is
+  also the residual base, and the estimator's features guide the first level. Only routes to
+  low-light experts use it (weighted by their gate), so every other route is unchanged. The
+  shipped model has none (tried, measured and not shipped: docs/models.md). The full
+  RetinexFormer is :mod:`restore_cli.models.retinexformer`, and in ``unirestorer-release``.
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ DEFAULTS: dict[str, Any] = {
     "encoder_block_cues": True,
     "topk": 1,
     "cluster_samples": 2048,
+    "illumination": 0,  # width of the low-light experts' illumination estimator; 0: none
 }
 
 
@@ -147,8 +153,32 @@ class ExpertNAFBlock(nn.Module):
         return y + self.conv5(first * second, gates) * self.gamma
 
 
+class IlluminationEstimator(nn.Module):
+    """RetinexFormer's illumination estimator (Cai et al. 2023, our code): image + channel mean →
+    1x1 conv → 5x5 depthwise conv (4 groups) → features, → 1x1 conv → light-up map (3 channels).
+
+    The map's conv starts at zero, so an untrained estimator lights nothing (``x · 0 + x``) and
+    a model that gains one restores exactly as before until it trains.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        if width % 4:
+            raise ModelError(f"unirestorer illumination width {width}: must be a multiple of 4")
+        self.conv1 = nn.Conv2d(4, width, 1)
+        self.depth_conv = nn.Conv2d(width, width, 5, padding=2, groups=4)
+        self.conv2 = nn.Conv2d(width, 3, 1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.depth_conv(self.conv1(torch.cat([x, x.mean(1, keepdim=True)], 1)))
+        return features, self.conv2(features)
+
+
 class ExpertNAFNet(nn.Module):
-    """NAFNet's U-Net (same key names as ``nafnet``) whose blocks take expert gates."""
+    """NAFNet's U-Net (same key names as ``nafnet``) whose blocks take expert gates, with an
+    optional illumination front end for the low-light experts (``light``, see the module doc)."""
 
     def __init__(
         self,
@@ -159,9 +189,16 @@ class ExpertNAFNet(nn.Module):
         dec_blk_nums: Sequence[int],
         experts: int,
         rank: int,
+        illumination: int = 0,
     ) -> None:
         super().__init__()
         self.intro = nn.Conv2d(3, width, 3, padding=1)
+        self.illumination: IlluminationEstimator | None = None
+        if illumination:
+            self.illumination = IlluminationEstimator(illumination)
+            self.illumination_guide = nn.Conv2d(illumination, width, 1)
+            nn.init.zeros_(self.illumination_guide.weight)
+            nn.init.zeros_(self.illumination_guide.bias)
         self.ending = nn.Conv2d(width, 3, 3, padding=1)
         self.encoders, self.decoders = nn.ModuleList(), nn.ModuleList()
         self.ups, self.downs = nn.ModuleList(), nn.ModuleList()
@@ -185,11 +222,21 @@ class ExpertNAFNet(nn.Module):
             )
         self.multiple = 2 ** len(enc_blk_nums)
 
-    def forward(self, inp: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, inp: torch.Tensor, gates: torch.Tensor, light: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``light`` [B] (or [1]): how much of each sample's route is low-light experts, the
+        weight of the illumination front end (none when ``None`` or without one)."""
         height, width = inp.shape[-2:]
         pad_h, pad_w = -height % self.multiple, -width % self.multiple
         padded = F.pad(inp, (0, pad_w, 0, pad_h))
-        x = self.intro(padded)
+        if self.illumination is not None and light is not None and bool((light > 0).any()):
+            weight = light.to(padded.dtype)[:, None, None, None]
+            features, light_up = self.illumination(padded)
+            padded = padded + weight * padded * light_up  # the lit input is the residual base
+            x = self.intro(padded) + weight * self.illumination_guide(features)
+        else:
+            x = self.intro(padded)
         skips = []
         for blocks, down in zip(self.encoders, self.downs, strict=True):
             for block in blocks:
@@ -330,6 +377,7 @@ class UniRestorer(nn.Module):
             dec_blk_nums=[int(n) for n in settings["dec_blk_nums"]],
             experts=self.num_experts,
             rank=int(settings["rank"]),
+            illumination=int(settings["illumination"]),
         )
         families = len(self.families)
         self.register_buffer("leaf_centres", torch.zeros(self.num_leaves, embed))
@@ -358,6 +406,24 @@ class UniRestorer(nn.Module):
             dim=1,
         )
         return candidates.gather(1, granularity[:, None])[:, 0]
+
+    def low_light_experts(self) -> torch.Tensor:
+        """[E] bool: experts whose cluster's members are mostly low light (``all`` never is);
+        they are the ones the illumination front end serves (RetinexFormer's in the paper)."""
+        if "lowlight" not in self.families:
+            return torch.zeros(self.num_experts, dtype=torch.bool, device=self.leaf_centres.device)
+        column = self.families.index("lowlight")
+        root = torch.zeros(1, dtype=torch.bool, device=self.leaf_centres.device)
+        return torch.cat(
+            [root, self.type_families[:, column] >= 0.5, self.leaf_families[:, column] >= 0.5]
+        )
+
+    def light_weight(self, gates: torch.Tensor) -> torch.Tensor | None:
+        """[B] share of each sample's gates on low-light experts, or None without the front
+        end (so a model without one runs exactly the old path)."""
+        if self.restorer.illumination is None:
+            return None
+        return gates.float() @ self.low_light_experts().float()
 
     def task_families(self, tasks: Sequence[str]) -> set[str]:
         from restore_cli.degradations.pipeline import DEGRADATIONS
@@ -451,7 +517,8 @@ class UniRestorer(nn.Module):
             return self.training_losses(x, batch or {}, stage)
         if route is None:
             route = self.route(x, tasks=tasks, granularity=granularity)
-        return self.restorer(x, route.expert_weights)
+        gates = route.expert_weights
+        return self.restorer(x, gates, self.light_weight(gates))
 
     # -- training --------------------------------------------------------------------------
     def use_restoration_loss(self, loss: WeightedLoss) -> None:
@@ -482,7 +549,8 @@ class UniRestorer(nn.Module):
         Every other weight is frozen, and a gradient hook zeroes the other experts' rows of the
         stacked deltas (whatever the gates mix): with no weight decay, every route that uses
         none of ``names`` restores bit for bit as before. Each sample trains a granularity whose
-        expert is among ``names``; a sample with none is left out of the loss.
+        expert is among ``names``; a sample with none is left out of the loss. The illumination
+        front end, used only by low-light experts, trains when one of them is named.
         """
         if self.stage != "experts":
             raise ModelError("training only some experts needs model.stage 'experts'")
@@ -496,6 +564,12 @@ class UniRestorer(nn.Module):
         mask = torch.tensor([name in set(names) for name in known])
         self.trained_experts = mask.to(self.leaf_centres.device)
         self.requires_grad_(False)
+        illumination = self.restorer.illumination
+        low_light = self.trained_experts & self.low_light_experts()
+        if illumination is not None and bool(low_light.any()):
+            # the front end belongs to the low-light experts: it learns with them
+            illumination.requires_grad_(True)
+            self.restorer.illumination_guide.requires_grad_(True)
         rows = self.trained_experts.float()[:, None, None]
         for module in self.restorer.modules():
             if isinstance(module, ExpertConv1x1):
@@ -643,7 +717,7 @@ class UniRestorer(nn.Module):
                     lq, gt, gates = lq[keep], gt[keep], gates[keep]
                 else:  # a zero loss keeps the step (and DDP's all-reduce) in step
                     scale = 0.0
-            pred = self.restorer(lq, gates)
+            pred = self.restorer(lq, gates, self.light_weight(gates))
             if self.restoration_loss is not None:
                 total, parts = self.restoration_loss(pred, gt)
                 return total * scale, parts
@@ -664,7 +738,8 @@ class UniRestorer(nn.Module):
             for g in range(len(GRANULARITIES)):
                 chosen = torch.full_like(predicted, g)
                 gates = F.one_hot(self.expert_index(predicted, chosen), self.num_experts).float()
-                errors.append((self.restorer(lq, gates) - gt).abs().mean(dim=(1, 2, 3)))
+                pred = self.restorer(lq, gates, self.light_weight(gates))
+                errors.append((pred - gt).abs().mean(dim=(1, 2, 3)))
             best = torch.stack(errors, 1).argmin(1)
         layer_logits = noisy_logits(self.layer_gate(logvar), self.layer_noise, logvar)
         loss_granularity = F.cross_entropy(layer_logits, best)
@@ -746,6 +821,7 @@ def detect_unirestorer(state_dict: StateDict) -> dict[str, Any] | None:
     stem = state_dict["encoder.stem.weight"]
     encoder_width = int(stem.shape[0])
     pooled = int(state_dict["encoder.project.0.weight"].shape[0])
+    light = state_dict.get("restorer.illumination.conv1.weight")
     return {
         "families": list(DEFAULT_FAMILIES),
         "width": int(intro.shape[0]),
@@ -759,6 +835,7 @@ def detect_unirestorer(state_dict: StateDict) -> dict[str, Any] | None:
         "encoder_width": encoder_width,
         # the pooled statistics: 2·(stem + 10·width) CNN channels, 6 of the input, 2 block cues
         "encoder_block_cues": pooled == 22 * encoder_width + 8,
+        "illumination": int(light.shape[0]) if light is not None else 0,
     }
 
 
