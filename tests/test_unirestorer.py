@@ -257,6 +257,30 @@ def test_instruction_mode_masks_leaves_of_other_tasks():
         model.route(image(0), tasks=["dehaze"])  # no haze leaf in this model
 
 
+def test_auto_mode_sends_only_crops_called_low_light_to_low_light_leaves():
+    model = fitted_model()
+    column = FAMILIES.index("lowlight")
+    low_leaf = int((model.leaf_families[:, column] >= 0.5).nonzero())
+    embedding = model.leaf_centres[low_leaf].repeat(2, 1)
+    with torch.no_grad():  # make it the leaf gate's choice for any crop
+        model.leaf_gate.bias[low_leaf] += 100.0
+    type_logits = torch.zeros(2, len(FAMILIES))
+    type_logits[:, column] = torch.tensor([3.0, -3.0])  # the type head: dark, and not dark
+    degree = torch.zeros(2)
+    with torch.no_grad():
+        with_veto = model.route_embedding(embedding, type_logits, degree)
+        model.low_light_veto = 0.0
+        without = model.route_embedding(embedding, type_logits, degree)
+        model.low_light_veto = 0.5
+        model.train()
+        training = model.route_embedding(embedding, type_logits, degree)
+    assert without.leaf.tolist() == [low_leaf, low_leaf]
+    assert int(with_veto.leaf[0]) == low_leaf and int(with_veto.leaf[1]) != low_leaf
+    assert float(with_veto.leaf_probs[1, low_leaf]) == 0.0
+    torch.testing.assert_close(with_veto.expert_weights.sum(1), torch.ones(2))
+    assert training.leaf.tolist() == [low_leaf, low_leaf]  # training keeps the raw traffic
+
+
 def test_apply_mode_lists_valid_tasks_for_unknown_names():
     spec = get_architecture("unirestorer").spec({})
     assert spec.routed and spec.instructable

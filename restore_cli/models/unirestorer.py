@@ -26,8 +26,9 @@ understand, nothing copied; its released network is :mod:`restore_cli.models.uni
   target, the granularity whose expert restores the sample best given the *predicted* leaf,
   rather than through the reconstruction loss times g/g.detach(); same intent (coarser when the
   degradation estimate is wrong), a direct and much cheaper signal on 2 CPU cores.
-* Modes: auto (routers decide), instruction (``tasks=``: masks the leaves whose degradations are
-  not among the named tasks), and a ``granularity=`` override for analysis.
+* Modes: auto (routers decide; at inference a low-light leaf only for crops the type head calls
+  low light, ``low_light_veto``), instruction (``tasks=``: masks the leaves whose degradations
+  are not among the named tasks), and a ``granularity=`` override for analysis.
 * Low light, RetinexFormer-style (``illumination: width``, off when 0): the paper makes its
   low-light experts RetinexFormers. Here they stay low-rank deltas of the shared NAFNet, and the
   network gains RetinexFormer's one-stage Retinex front end (:class:`IlluminationEstimator`): a
@@ -94,6 +95,8 @@ DEFAULTS: dict[str, Any] = {
     "topk": 1,
     "cluster_samples": 2048,
     "illumination": 0,  # width of the low-light experts' illumination estimator; 0: none
+    # auto mode: low-light leaves only for crops whose low-light probability reaches this; 0: off
+    "low_light_veto": 0.5,
 }
 
 
@@ -345,6 +348,7 @@ class UniRestorer(nn.Module):
         self.families = tuple(settings["families"])
         self.num_leaves, self.num_types = int(settings["leaves"]), int(settings["types"])
         self.topk = int(settings["topk"])
+        self.low_light_veto = float(settings["low_light_veto"])
         self.cluster_samples = int(settings["cluster_samples"])
         self.num_experts = 1 + self.num_types + self.num_leaves
         embed = int(settings["embed_dim"])
@@ -470,6 +474,8 @@ class UniRestorer(nn.Module):
         leaf_logits = self.leaf_gate(mu).float()
         if tasks:
             leaf_logits = leaf_logits.masked_fill(~self.allowed_leaves(tasks), float("-inf"))
+        elif self.low_light_veto > 0 and "lowlight" in self.families and not self.training:
+            leaf_logits = self.veto_low_light(leaf_logits, type_logits)
         layer_logits = self.layer_gate(logvar).float()
         if granularity is not None:
             fixed = torch.full_like(layer_logits, float("-inf"))
@@ -488,6 +494,23 @@ class UniRestorer(nn.Module):
             families=self.families,
             experts=tuple(self.expert_names()),
         )
+
+    def veto_low_light(self, leaf_logits: torch.Tensor, type_logits: torch.Tensor) -> torch.Tensor:
+        """Auto mode: no low-light leaf for a crop the type head does not call low light.
+
+        A low-light expert relights the whole image, so sending it a normally exposed photo is
+        the costliest misroute (``examples/blurry-picos.png``: 25.1 dB in, 16.1 out). The leaf
+        gate and the type head read the same embedding but were trained apart (cluster vs
+        labels), and such a crop is where they disagree; the type head wins for this one family.
+        Inference only: training (``expert_route: auto``) keeps the router's own traffic, so the
+        shipped stages' configs reproduce their weights.
+        """
+        column = self.families.index("lowlight")
+        low_leaf = self.leaf_families[:, column] >= 0.5
+        if bool(low_leaf.all()):
+            return leaf_logits
+        dark = torch.sigmoid(type_logits.float()[:, column]) >= self.low_light_veto
+        return leaf_logits.masked_fill(~dark[:, None] & low_leaf[None], float("-inf"))
 
     def expert_mixture(
         self, leaf_probs: torch.Tensor, layer_probs: torch.Tensor, topk: int
