@@ -1,7 +1,10 @@
 """Rebuild the sample folder from fetch-photos' validation photos (run from the repo root).
 
     ../shared/data/fetch-photos /tmp/photos
-    python examples/make_examples.py /tmp/photos
+    python examples/make_examples.py /tmp/photos [CLEAN_DIR]
+
+With CLEAN_DIR it writes only each example's clean crop, there (PNG, same stem): the ground
+truth for ``restore-cli eval``.
 
 Each photo is downscaled (which also removes the source's own JPEG artefacts), centre-cropped
 to 512x384 and degraded once with a fixed seed. These are simple stand-ins made with numpy and
@@ -50,15 +53,21 @@ def degrade(image: Image.Image, kind: str, rng: np.random.Generator) -> Image.Im
     return Image.fromarray(np.uint8(np.clip(np.rint(pixels * 255), 0, 255)))
 
 
-def main(photos: Path) -> None:
+def main(photos: Path, clean_dir: Path | None = None) -> None:
     out = Path(__file__).parent
     for index, (name, source, kind) in enumerate(EXAMPLES):
         rng = np.random.default_rng(1000 + index)
-        degraded = degrade(load_clean(photos / source), kind, rng)
+        clean = load_clean(photos / source)
+        if clean_dir is not None:
+            clean_dir.mkdir(parents=True, exist_ok=True)
+            clean.save(clean_dir / (Path(name).stem + ".png"))
+            print(clean_dir / (Path(name).stem + ".png"))
+            continue
+        degraded = degrade(clean, kind, rng)
         options = {"quality": 15} if name.endswith(".jpg") else {"optimize": True}
         degraded.save(out / name, **options)
         print(out / name)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
