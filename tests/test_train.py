@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from restore_cli.errors import ConfigError
 from restore_cli.train import TrainOptions, load_config, run_training, train
-from restore_cli.train.checkpoint import list_checkpoints, resolve_resume
+from restore_cli.train.checkpoint import list_checkpoints, resolve_resume, weights_bytes
 from restore_cli.train.config import LossTerm, apply_overrides, parse_config
 from restore_cli.train.data import StepBatchSampler
 from restore_cli.train.loop import config_changes, lr_factor
@@ -430,3 +430,18 @@ def test_ema_warmup_forgets_the_random_init_quickly():
     assert residual(True, 1000) < 0.01
     assert ModelEma(nn.Linear(1, 1), 0.999, True).decay_at(1) == pytest.approx(2 / 11)
     assert ModelEma(nn.Linear(1, 1), 0.999, True).decay_at(10**6) == 0.999
+
+
+def test_weights_bytes_do_not_depend_on_metadata_order():
+    """Identical runs must give identical files: weights.yaml pins their sha256."""
+    from safetensors.torch import load
+
+    tensors = {"b.weight": torch.arange(6.0).view(2, 3), "a.bias": torch.ones(5)}
+    metadata = {f"key{i}": str(i) for i in range(12)}
+    forward = weights_bytes(tensors, metadata)
+    backward = weights_bytes(dict(reversed(tensors.items())), dict(reversed(metadata.items())))
+    assert forward == backward
+    assert int.from_bytes(forward[:8], "little") % 8 == 0  # the header stays 8-byte aligned
+    loaded = load(forward)
+    assert set(loaded) == set(tensors)
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)

@@ -92,7 +92,19 @@ def weights_bytes(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str,
         storage = tensor.untyped_storage().data_ptr()
         tensors[name] = tensor.clone() if storage in seen else tensor
         seen.add(storage)
-    return save(tensors, metadata=dict(metadata))
+    return canonical_header(save(tensors, metadata=dict(metadata)))
+
+
+def canonical_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted: safetensors writes the
+    metadata in hash-map order, which varies between processes, so two identical runs gave
+    files with different sha256 (weights.yaml pins them). Offsets index the data block, so only
+    the header (re-padded with spaces to 8 bytes, as the format asks) changes."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
 
 
 def save_checkpoint(
