@@ -55,13 +55,15 @@ def degrade(image: Image.Image, kind: str, rng: np.random.Generator) -> Image.Im
 
 def main(photos: Path, clean_dir: Path | None = None) -> None:
     out = Path(__file__).parent
+    if clean_dir is not None:
+        clean_dir.mkdir(parents=True, exist_ok=True)
     for index, (name, source, kind) in enumerate(EXAMPLES):
         rng = np.random.default_rng(1000 + index)
         clean = load_clean(photos / source)
         if clean_dir is not None:
-            clean_dir.mkdir(parents=True, exist_ok=True)
-            clean.save(clean_dir / (Path(name).stem + ".png"))
-            print(clean_dir / (Path(name).stem + ".png"))
+            target = clean_dir / f"{Path(name).stem}.png"
+            clean.save(target)
+            print(target)
             continue
         degraded = degrade(clean, kind, rng)
         options = {"quality": 15} if name.endswith(".jpg") else {"optimize": True}

@@ -474,7 +474,7 @@ class UniRestorer(nn.Module):
         leaf_logits = self.leaf_gate(mu).float()
         if tasks:
             leaf_logits = leaf_logits.masked_fill(~self.allowed_leaves(tasks), float("-inf"))
-        elif self.low_light_veto > 0 and "lowlight" in self.families and not self.training:
+        elif self.low_light_veto > 0 and not self.training:
             leaf_logits = self.veto_low_light(leaf_logits, type_logits)
         layer_logits = self.layer_gate(logvar).float()
         if granularity is not None:
@@ -505,10 +505,10 @@ class UniRestorer(nn.Module):
         Inference only: training (``expert_route: auto``) keeps the router's own traffic, so the
         shipped stages' configs reproduce their weights.
         """
-        column = self.families.index("lowlight")
-        low_leaf = self.leaf_families[:, column] >= 0.5
-        if bool(low_leaf.all()):
+        low_leaf = self.low_light_experts()[1 + self.num_types :]
+        if not bool(low_leaf.any()) or bool(low_leaf.all()):
             return leaf_logits
+        column = self.families.index("lowlight")
         dark = torch.sigmoid(type_logits.float()[:, column]) >= self.low_light_veto
         return leaf_logits.masked_fill(~dark[:, None] & low_leaf[None], float("-inf"))
 
